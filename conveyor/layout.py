@@ -1,0 +1,51 @@
+"""lerobot 0.4.4's v3.0 on-disk layout (`lerobot/datasets/utils.py`), without importing lerobot."""
+from __future__ import annotations
+
+import re
+
+CODEBASE_VERSION = "v3.0"
+CHUNKS_SIZE = 1000  # files per chunk folder
+INFO = "meta/info.json"
+STATS = "meta/stats.json"
+TASKS = "meta/tasks.parquet"
+DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+META_FILES = (TASKS, STATS, INFO)  # rewritten by every commit; info.json last
+
+_FILE_RE = re.compile(r"chunk-(\d{3,})/file-(\d{3,})\.(parquet|mp4)$")
+
+
+def split_index(linear: int, chunks_size: int = CHUNKS_SIZE) -> tuple[int, int]:
+    return divmod(linear, chunks_size)
+
+
+def linear_index(path: str, chunks_size: int = CHUNKS_SIZE) -> int | None:
+    m = _FILE_RE.search(path)
+    return int(m.group(1)) * chunks_size + int(m.group(2)) if m else None
+
+
+def data_path(linear: int) -> str:
+    c, f = split_index(linear)
+    return DATA_PATH.format(chunk_index=c, file_index=f)
+
+
+def video_path(key: str, linear: int) -> str:
+    c, f = split_index(linear)
+    return VIDEO_PATH.format(video_key=key, chunk_index=c, file_index=f)
+
+
+def episodes_path(linear: int) -> str:
+    c, f = split_index(linear)
+    return EPISODES_PATH.format(chunk_index=c, file_index=f)
+
+
+def kind_of(path: str) -> str | None:
+    """'data', 'meta', or 'videos/<key>' for a chunked file; None for anything else."""
+    if path.startswith("data/"):
+        return "data"
+    if path.startswith("meta/episodes/"):
+        return "meta"
+    if path.startswith("videos/"):
+        return "videos/" + path.split("/")[1]
+    return None

@@ -1,0 +1,103 @@
+"""Start and stop a local Prefect server as a child process (used by `conveyor up` and the test session).
+
+Plain subprocess management, no Prefect import: the server runs in its own interpreter with a
+project-local PREFECT_HOME so it never touches the user's ~/.prefect.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from conveyor.errors import ConveyorError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def prefect_env(home: Path, api_url: str | None = None, base: dict | None = None) -> dict[str, str]:
+    """Environment for every Prefect process of one local deployment (server, workers, CLI calls)."""
+    env = dict(os.environ if base is None else base)
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false", PREFECT_LOGGING_LEVEL="INFO")
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class PrefectServer:
+    """A running `prefect server start` child; `stop()` ends it (SIGTERM, then SIGKILL)."""
+
+    process: subprocess.Popen
+    api_url: str
+    ui_url: str
+    home: Path
+    log_path: Path
+
+    def stop(self, timeout: float = 15.0) -> None:
+        stop_process(self.process, timeout)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop a child and its process group; escalate to SIGKILL (a Prefect worker can ignore one SIGTERM)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def start_prefect_server(home: Path, host: str = "127.0.0.1", port: int | None = None,
+                         timeout: float = 90.0) -> PrefectServer:
+    """Start a server with SQLite under `home` and wait until /api/health answers."""
+    port = port or free_port(host)
+    if port_in_use(host, port):
+        raise ConveyorError(f"{host}:{port}", "port is already in use (another `conveyor up` or Prefect server?)")
+    home.mkdir(parents=True, exist_ok=True)
+    api_url = f"http://{host}:{port}/api"
+    log_path = home / "server.log"
+    log = open(log_path, "ab")
+    prefect = Path(sys.executable).with_name("prefect")
+    proc = subprocess.Popen([str(prefect), "server", "start", "--host", host, "--port", str(port)],
+                            env=prefect_env(home, api_url), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ConveyorError(log_path, f"Prefect server exited with code {proc.returncode}; see this log")
+        if healthy(api_url):
+            return PrefectServer(proc, api_url, f"http://{host}:{port}", home, log_path)
+        time.sleep(0.5)
+    stop_process(proc)
+    raise ConveyorError(log_path, f"Prefect server not healthy after {timeout:.0f} s")

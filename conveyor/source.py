@@ -1,0 +1,195 @@
+"""Read a LeRobot v2.1 recording, including one that is still being recorded.
+
+The recorder writes an episode's parquet and mp4s first and its episodes.jsonl line last, so an episode
+counts as complete only when its line, its parquet and every camera's mp4 are present and agree on the
+frame count (parquet rows = `length` = video packets). Everything here only reads.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from conveyor.errors import BadEpisode, ConveyorError
+from conveyor.video import probe
+
+SUPPORTED_VERSION = "v2.1"
+DEFAULT_FEATURE_KEYS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
+
+
+@dataclass(frozen=True)
+class SourceEpisode:
+    """One complete, consistent source episode, ready to convert."""
+
+    index: int
+    length: int
+    tasks: list[str]
+    parquet: Path
+    videos: dict[str, Path]
+
+
+@dataclass
+class SourceScan:
+    complete: list[int] = field(default_factory=list)
+    incomplete: list[int] = field(default_factory=list)
+    bad: dict[int, str] = field(default_factory=dict)
+
+
+class V21Source:
+    """A v2.1 dataset folder; construct with `V21Source.open(path)`."""
+
+    def __init__(self, root: Path, info: dict):
+        self.root = root
+        self.info = info
+        self.fps = int(info["fps"])
+        self.features: dict = info["features"]
+        self.chunks_size = int(info.get("chunks_size", 1000))
+        self.video_keys = [k for k, f in self.features.items() if f["dtype"] == "video"]
+        self.image_keys = [k for k, f in self.features.items() if f["dtype"] == "image"]
+
+    @classmethod
+    def open(cls, root: str | Path) -> "V21Source":
+        root = Path(root).resolve()
+        info_path = root / "meta" / "info.json"
+        if not root.is_dir():
+            raise ConveyorError(root, "source folder does not exist")
+        if not info_path.is_file():
+            raise ConveyorError(info_path, "missing: not a LeRobot dataset (no meta/info.json)")
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConveyorError(info_path, f"not valid JSON: {e}") from None
+        version = info.get("codebase_version")
+        if version == "v3.0":
+            raise ConveyorError(info_path, "this is already a v3.0 dataset; conveyor reads v2.1 sources")
+        if version == "v2.0":
+            raise ConveyorError(info_path, "v2.0 dataset: convert it to v2.1 with lerobot <= 0.3 first "
+                                           "(lerobot 0.4.4 has no v2.0 -> v3.0 path)")
+        if version != SUPPORTED_VERSION:
+            raise ConveyorError(info_path, f"unknown codebase_version {version!r}; expected {SUPPORTED_VERSION!r}")
+        for key in ("fps", "features", "data_path"):
+            if key not in info:
+                raise ConveyorError(info_path, f"missing key {key!r}")
+        missing = [k for k in DEFAULT_FEATURE_KEYS if k not in info["features"]]
+        if missing:
+            raise ConveyorError(info_path, f"features lack required columns {missing}")
+        src = cls(root, info)
+        if src.video_keys and not info.get("video_path"):
+            raise ConveyorError(info_path, "video features present but video_path is null")
+        return src
+
+    # -- metadata -------------------------------------------------------------------------------------
+
+    def _jsonl(self, name: str) -> list[dict]:
+        """Parse a jsonl file; a torn last line (recorder mid-write) is ignored, a torn middle line is an error."""
+        path = self.root / "meta" / name
+        if not path.exists():
+            return []
+        raw = path.read_bytes()
+        lines = raw.split(b"\n")
+        out = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line.decode("utf-8")))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                if i == len(lines) - 1:  # no trailing newline yet: still being written
+                    break
+                raise ConveyorError(path, f"line {i + 1} is not valid JSON: {e}") from None
+        return out
+
+    def episode_records(self) -> dict[int, dict]:
+        recs: dict[int, dict] = {}
+        path = self.root / "meta" / "episodes.jsonl"
+        for r in self._jsonl("episodes.jsonl"):
+            try:
+                recs[int(r["episode_index"])] = r
+            except (KeyError, TypeError, ValueError):
+                raise ConveyorError(path, f"episode record without a valid episode_index: {r}") from None
+        return recs
+
+    def tasks(self) -> dict[int, str]:
+        """task_index -> task string, exactly as recorded (Chinese included)."""
+        return {int(r["task_index"]): str(r["task"]) for r in self._jsonl("tasks.jsonl")}
+
+    # -- paths ----------------------------------------------------------------------------------------
+
+    def parquet_path(self, ep: int) -> Path:
+        return self.root / self.info["data_path"].format(episode_chunk=ep // self.chunks_size, episode_index=ep)
+
+    def video_path(self, ep: int, key: str) -> Path:
+        return self.root / self.info["video_path"].format(
+            episode_chunk=ep // self.chunks_size, video_key=key, episode_index=ep)
+
+    def episode_files(self, ep: int) -> list[Path]:
+        return [self.parquet_path(ep)] + [self.video_path(ep, k) for k in self.video_keys]
+
+    # -- completeness ---------------------------------------------------------------------------------
+
+    def check_episode(self, ep: int, record: dict) -> SourceEpisode | None:
+        """The episode if complete and consistent, None if still being written; BadEpisode if broken.
+
+        A missing file while the jsonl line exists means the episode is broken (the recorder writes
+        the line last), so it is reported rather than waited for.
+        """
+        length = int(record.get("length", -1))
+        pq_path = self.parquet_path(ep)
+        if not pq_path.exists():
+            raise BadEpisode(pq_path, "missing data parquet for a recorded episode", ep)
+        try:
+            rows = pq.ParquetFile(pq_path).metadata.num_rows
+        except Exception as e:  # pyarrow raises ArrowInvalid/OSError for truncated files
+            raise BadEpisode(pq_path, f"corrupt parquet: {e}", ep) from None
+        if rows != length:
+            raise BadEpisode(pq_path, f"length mismatch: {rows} rows but episodes.jsonl says {length}", ep)
+        videos = {}
+        for key in self.video_keys:
+            vp = self.video_path(ep, key)
+            if not vp.exists():
+                raise BadEpisode(vp, f"missing camera file for {key}", ep)
+            n = probe(vp).frames
+            if n != length:
+                raise BadEpisode(vp, f"length mismatch: {n} video frames but episodes.jsonl says {length}", ep)
+            videos[key] = vp
+        tasks = [str(t) for t in record.get("tasks") or []]
+        return SourceEpisode(ep, length, tasks, pq_path, videos)
+
+    def scan(self, skip: set[int] | frozenset[int] = frozenset()) -> tuple[list[SourceEpisode], SourceScan]:
+        """Complete episodes in episode_index order, plus which ones are incomplete or broken.
+
+        `skip` lists episodes already handled (in the store), which are not re-probed.
+        """
+        result = SourceScan()
+        records = self.episode_records()
+        ready: list[SourceEpisode] = []
+        for ep in sorted(records):
+            if ep in skip:
+                result.complete.append(ep)
+                continue
+            try:
+                se = self.check_episode(ep, records[ep])
+            except BadEpisode as e:
+                result.bad[ep] = str(e)
+                continue
+            ready.append(se)
+            result.complete.append(ep)
+        # files of episodes whose line is not written yet: still being recorded
+        data_dir = self.root / "data"
+        if data_dir.is_dir():
+            for p in data_dir.glob("*/episode_*.parquet"):
+                try:
+                    ep = int(p.stem.split("_")[1])
+                except (IndexError, ValueError):
+                    continue
+                if ep not in records:
+                    result.incomplete.append(ep)
+        result.incomplete.sort()
+        return ready, result
+
+
+def scan_source(path: str | Path) -> SourceScan:
+    """Which episodes of a recording are complete, still being written, or broken."""
+    return V21Source.open(path).scan()[1]

@@ -1,0 +1,114 @@
+"""Per-episode and aggregate feature stats in lerobot 0.4.4's shapes, quantiles included.
+
+lerobot's own `compute_stats` imports torch, and its quantiles come from a streaming histogram; this
+module computes exact quantiles with numpy and matches lerobot's aggregation rules (count-weighted mean,
+pooled variance, elementwise min/max, count-weighted quantiles) so that later appends by lerobot itself
+stay schema-compatible.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
+STAT_KEYS = ("min", "max", "mean", "std", "count", *QUANTILES)
+CAMERA_SAMPLES = 5  # decoded frames per episode and camera (keyframes: no inter-frame decoding)
+Stats = dict[str, np.ndarray]
+
+
+def numeric_stats(values: np.ndarray) -> Stats:
+    """Stats over axis 0 of an (n,) or (n, d) array; min/max keep the feature's dtype like lerobot."""
+    v = values.reshape(len(values), -1)
+    f = v.astype(np.float64)
+    out: Stats = {
+        "min": v.min(axis=0),
+        "max": v.max(axis=0),
+        "mean": f.mean(axis=0),
+        "std": f.std(axis=0),
+        "count": np.array([len(v)], dtype=np.int64),
+    }
+    qs = np.quantile(f, list(QUANTILES.values()), axis=0)
+    for i, k in enumerate(QUANTILES):
+        out[k] = qs[i]
+    return out
+
+
+def _downsample(img: np.ndarray, target: int = 150, threshold: int = 300) -> np.ndarray:
+    """lerobot's auto_downsample_height_width, on HWC."""
+    h, w = img.shape[:2]
+    if max(h, w) < threshold:
+        return img
+    f = int(w / target) if w > h else int(h / target)
+    return img[::f, ::f]
+
+
+def image_stats(frames: list[np.ndarray]) -> Stats:
+    """Per-channel stats in [0, 1], shape (3, 1, 1), from uint8 HWC RGB frames."""
+    px = np.stack([_downsample(f) for f in frames]).reshape(-1, 3).astype(np.float64) / 255.0
+    st = numeric_stats(px)
+    out = {k: (v if k == "count" else v.astype(np.float64).reshape(3, 1, 1)) for k, v in st.items()}
+    out["count"] = np.array([len(frames)], dtype=np.int64)
+    return out
+
+
+def png_frames(column: list[dict[str, Any]], k: int = CAMERA_SAMPLES) -> list[np.ndarray]:
+    """Decode up to k evenly spaced images of an `image` feature column ({bytes, path} structs)."""
+    from PIL import Image  # PIL ships with lerobot; only image-dtype datasets need it
+
+    n = len(column)
+    picks = sorted({(i * n) // k for i in range(min(k, n))})
+    return [np.asarray(Image.open(io.BytesIO(column[j]["bytes"])).convert("RGB")) for j in picks]
+
+
+def aggregate(stats_list: list[dict[str, Stats]]) -> dict[str, Stats]:
+    """Combine per-episode (or per-dataset) stats; quantiles kept only where every input has them."""
+    out: dict[str, Stats] = {}
+    keys = {k for s in stats_list for k in s}
+    for key in sorted(keys):
+        parts = [s[key] for s in stats_list if key in s]
+        counts = np.array([float(p["count"][0]) for p in parts])
+        total = counts.sum()
+        w = counts / total
+        shape = np.asarray(parts[0]["mean"]).shape
+        wb = w.reshape((-1,) + (1,) * len(shape))
+        means = np.stack([np.asarray(p["mean"], dtype=np.float64) for p in parts])
+        stds = np.stack([np.asarray(p["std"], dtype=np.float64) for p in parts])
+        mean = (means * wb).sum(axis=0)
+        var = ((stds**2 + (means - mean) ** 2) * wb).sum(axis=0)
+        agg: Stats = {
+            "min": np.min(np.stack([np.asarray(p["min"]) for p in parts]), axis=0),
+            "max": np.max(np.stack([np.asarray(p["max"]) for p in parts]), axis=0),
+            "mean": mean,
+            "std": np.sqrt(var),
+            "count": np.array([int(total)], dtype=np.int64),
+        }
+        for q in QUANTILES:
+            if all(q in p for p in parts):
+                agg[q] = (np.stack([np.asarray(p[q], dtype=np.float64) for p in parts]) * wb).sum(axis=0)
+        out[key] = agg
+    return out
+
+
+def to_json(stats: dict[str, Stats]) -> dict[str, dict[str, list]]:
+    return {k: {s: np.asarray(v).tolist() for s, v in st.items()} for k, st in stats.items()}
+
+
+def from_json(data: dict[str, dict[str, list]]) -> dict[str, Stats]:
+    return {k: {s: np.asarray(v) for s, v in st.items()} for k, st in data.items()}
+
+
+def equal(a: dict[str, Stats], b: dict[str, Stats], rtol: float = 1e-9, atol: float = 1e-9) -> list[str]:
+    """Names of features/stats that differ (empty = equal)."""
+    bad = []
+    for key in sorted(set(a) | set(b)):
+        if key not in a or key not in b:
+            bad.append(key)
+            continue
+        for s in sorted(set(a[key]) | set(b[key])):
+            x, y = a[key].get(s), b[key].get(s)
+            if x is None or y is None or np.shape(x) != np.shape(y) or not np.allclose(
+                    np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), rtol=rtol, atol=atol):
+                bad.append(f"{key}/{s}")
+    return bad

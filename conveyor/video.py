@@ -1,0 +1,184 @@
+"""PyAV helpers: packet-level probing, stream-copy concatenation, and frame sampling.
+
+Concatenation is written here rather than with lerobot's `concatenate_video_files` because conveyor
+needs each episode's start taken from the real packet timestamps of the output file (lerobot sums float
+durations, upstream issue #3177) and must not import torch on the conversion path.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from conveyor.errors import ConveyorError
+
+os.environ.setdefault("SVT_LOG", "1")
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    """What a container says without decoding pixels."""
+
+    frames: int
+    pts: tuple[int, ...]  # presentation timestamps, sorted, in time_base units
+    time_base: Fraction
+    codec: str
+    width: int
+    height: int
+    frame_ticks: int  # duration of one frame in time_base units
+
+    def times(self) -> list[float]:
+        return [float(p * self.time_base) for p in self.pts]
+
+
+def _open(path: Path):
+    try:
+        return av.open(str(path))
+    except (av.error.FFmpegError, OSError) as e:
+        raise ConveyorError(path, f"cannot open video: {e}") from None
+
+
+def probe(path: str | Path) -> VideoProbe:
+    """Demux (no decode) the first video stream; a truncated or undecodable file raises ConveyorError."""
+    path = Path(path)
+    with _open(path) as c:
+        if not c.streams.video:
+            raise ConveyorError(path, "no video stream")
+        s = c.streams.video[0]
+        pts: list[int] = []
+        durations: list[int] = []
+        try:
+            for pk in c.demux(s):
+                if pk.size == 0 or pk.pts is None:
+                    continue
+                pts.append(pk.pts)
+                durations.append(pk.duration or 0)
+        except av.error.FFmpegError as e:
+            raise ConveyorError(path, f"truncated or corrupt video: {e}") from None
+        if not pts:
+            raise ConveyorError(path, "video has no frames (truncated?)")
+        tb = Fraction(s.time_base.numerator, s.time_base.denominator)
+        rate = s.average_rate or s.guessed_rate
+        if rate:
+            ticks = int(round(1 / (Fraction(rate.numerator, rate.denominator) * tb)))
+        else:
+            ticks = max(durations) or 1
+        return VideoProbe(len(pts), tuple(sorted(pts)), tb, s.codec_context.name, s.codec_context.width,
+                          s.codec_context.height, ticks)
+
+
+def concat(inputs: list[Path], out: Path) -> list[tuple[float, float]]:
+    """Stream-copy `inputs` back to back into `out`; return each input's (from, to) seconds in `out`.
+
+    Each input is shifted so its first presented frame lands right after the previous input's last
+    frame. The returned spans are read back from `out`'s own packets, so they are exactly what a
+    decoder of `out` will report.
+    """
+    lengths: list[int] = []
+    tmp = out.with_name(out.name + ".part")
+    try:
+        with av.open(str(tmp), "w", format="mp4") as oc:
+            ostream = None
+            cursor = 0  # next free presentation tick in the first input's time base
+            base_tb: Fraction | None = None
+            for path in inputs:
+                with _open(path) as ic:
+                    s = ic.streams.video[0]
+                    if ostream is None:
+                        ostream = oc.add_stream_from_template(s, opaque=True)
+                        base_tb = Fraction(s.time_base.numerator, s.time_base.denominator)
+                    tb = Fraction(s.time_base.numerator, s.time_base.denominator)
+                    if tb != base_tb:
+                        raise ConveyorError(path, f"time base {tb} differs from {base_tb} of {inputs[0]}")
+                    packets = [pk for pk in ic.demux(s) if pk.size and pk.pts is not None]
+                    if not packets:
+                        raise ConveyorError(path, "video has no frames (truncated?)")
+                    p0 = min(pk.pts for pk in packets)
+                    d0 = min(pk.dts if pk.dts is not None else pk.pts for pk in packets)
+                    if cursor == 0:
+                        cursor = max(0, p0 - d0)  # keep the first file's DTS non-negative (B-frames)
+                    rate = s.average_rate or s.guessed_rate
+                    ticks = int(round(1 / (Fraction(rate.numerator, rate.denominator) * tb))) if rate else 1
+                    shift = cursor - p0
+                    last = cursor
+                    for pk in packets:
+                        pk.pts += shift
+                        pk.dts = (pk.dts if pk.dts is not None else pk.pts - shift) + shift
+                        last = max(last, pk.pts)
+                        pk.stream = ostream
+                        oc.mux(pk)
+                    lengths.append(len(packets))
+                    cursor = last + ticks
+        spans = segment_spans(tmp, lengths)
+        os.replace(tmp, out)
+        return spans
+    except av.error.FFmpegError as e:
+        raise ConveyorError(out, f"stream copy failed: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def segment_spans(path: Path, lengths: list[int]) -> list[tuple[float, float]]:
+    """(from, to) seconds of consecutive segments of `lengths` frames, from the file's real packets."""
+    pr = probe(path)
+    if pr.frames != sum(lengths):
+        raise ConveyorError(path, f"expected {sum(lengths)} frames after concatenation, found {pr.frames}")
+    spans, i = [], 0
+    for n in lengths:
+        start = pr.pts[i]
+        end = pr.pts[i + n] if i + n < len(pr.pts) else pr.pts[-1] + pr.frame_ticks
+        spans.append((float(start * pr.time_base), float(end * pr.time_base)))
+        i += n
+    return spans
+
+
+def decode_frames(path: Path, times: list[float], tol: float = 1e-4) -> list[np.ndarray]:
+    """RGB frames presented at `times` (seconds), seeking to the keyframe before each; exact pixels."""
+    out: list[np.ndarray] = []
+    with _open(path) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        tb = s.time_base
+        for t in times:
+            c.seek(int(t / tb), stream=s, backward=True, any_frame=False)
+            found = None
+            for frame in c.decode(s):
+                ft = float(frame.pts * tb)
+                if abs(ft - t) < tol:
+                    found = frame.to_ndarray(format="rgb24")
+                    break
+                if ft > t + tol:
+                    break
+            if found is None:
+                raise ConveyorError(path, f"no frame at t={t:.6f} s")
+            out.append(found)
+    return out
+
+
+def sample_keyframes(path: Path, seg_pts: list[int] | tuple[int, ...], k: int) -> list[np.ndarray]:
+    """Up to k keyframes spread over one episode's frames (`seg_pts`, sorted): cheap pixels for camera stats.
+
+    Targets are picked by frame position, not float time, so the same episode sampled in its source
+    file and in a concatenated store file yields the same frames.
+    """
+    frames: list[np.ndarray] = []
+    seen: set[int] = set()
+    n = len(seg_pts)
+    lo, hi = seg_pts[0], seg_pts[-1]
+    with _open(path) as c:
+        s = c.streams.video[0]
+        s.codec_context.skip_frame = "NONKEY"
+        for j in sorted({(i * n) // k for i in range(min(k, n))}):
+            c.seek(seg_pts[j], stream=s, backward=True, any_frame=False)
+            for frame in c.decode(s):
+                if frame.pts < lo:
+                    continue
+                if frame.pts <= hi and frame.pts not in seen:
+                    seen.add(frame.pts)
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                break
+    return frames

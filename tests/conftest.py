@@ -1,0 +1,62 @@
+"""Session-wide real services: one Prefect server (SQLite, temp PREFECT_HOME) and one S3 server (moto).
+
+Both are started lazily, once per test session, on free 127.0.0.1 ports, and stopped at the end.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conveyor.prefect_server import free_port, prefect_env, start_prefect_server
+
+# nothing in the test session may reach a hub
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SVT_LOG="1",
+                  PREFECT_SERVER_ANALYTICS_ENABLED="false")
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hf_home(tmp_path_factory):
+    """Keep HF datasets' Arrow cache out of the user's home."""
+    home = tmp_path_factory.mktemp("hf_home")
+    os.environ["HF_HOME"] = str(home)
+    os.environ["HF_LEROBOT_HOME"] = str(home / "lerobot")
+    yield
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server for the whole session; PREFECT_API_URL points at it from here on."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    server = start_prefect_server(home, port=free_port())
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
+    os.environ.update(prefect_env(home, server.api_url, base={}))
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's standalone S3 server on 127.0.0.1 (SigV4, multipart, checksums), with test credentials."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "conveyor-test-key")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "conveyor-test-secret-do-not-log")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
