@@ -2,7 +2,123 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from conveyor.models import IngestReport, ValidationReport
+
+
+@contextmanager
+def progress_bar(description: str):
+    """A rich progress bar on a terminal, nothing otherwise; yields a `progress(done, total, what)` callback."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[what]}"), transient=True) as bar:
+        task = bar.add_task(description, total=None, what="")
+
+        def update(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, what=what)
+
+        yield update
+
+
+def print_ingest(r: IngestReport) -> None:
+    for m in r.added:
+        print(f"  source episode {m.source_episode_index} -> store episode {m.episode_index} "
+              f"({m.length} frames, {m.duration_s:.2f} s, task {m.tasks[0] if m.tasks else ''!r})")
+    for q in r.quarantined:
+        print(f"  quarantined source episode {q.source_episode_index}: {q.reason}")
+    for q in r.changed:
+        print(f"  CHANGED source episode {q.source_episode_index}: {q.reason}")
+    if r.incomplete:
+        print(f"  still being recorded: {r.incomplete}")
+    print(f"{len(r.added)} new episode(s), {r.already} already in store, {len(r.quarantined)} quarantined; "
+          f"store {r.store} at {r.version.short}: {r.version.total_episodes} episodes, "
+          f"{r.version.total_frames} frames ({r.seconds:.2f} s)")
+
+
+def print_validation(r: ValidationReport, verbose: bool) -> None:
+    for c in r.checks:
+        if verbose or not c.ok:
+            print(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}" + (f": {c.detail}" if c.detail and not c.ok else ""))
+    kind = "deep" if r.deep else "fast"
+    verdict = "passed" if r.ok else f"FAILED ({len(r.failures)} of {len(r.checks)} checks)"
+    print(f"{kind} validation of {r.store} {verdict}: {len(r.episodes_checked)} episodes, {r.seconds:.2f} s")
+
+
+def _convert(a: argparse.Namespace) -> int:
+    from conveyor.ingest import convert
+
+    with progress_bar("converting") as cb:
+        r = convert(a.src, a.dst, task=a.task, data_mb=a.data_mb, video_mb=a.video_mb, overwrite=a.overwrite,
+                    progress=cb)
+    print_ingest(r)
+    return 0
+
+
+def _ingest(a: argparse.Namespace) -> int:
+    from conveyor.ingest import ingest
+
+    with progress_bar("ingesting") as cb:
+        r = ingest(a.src, a.store, task=a.task, data_mb=a.data_mb, video_mb=a.video_mb,
+                   lock_timeout=a.lock_timeout, progress=cb)
+    print_ingest(r)
+    return 1 if r.changed else 0
+
+
+def _validate(a: argparse.Namespace) -> int:
+    from conveyor.validate import validate_deep, validate_fast
+
+    r = (validate_deep if a.deep else validate_fast)(a.store, against=a.against)
+    print_validation(r, a.verbose)
+    return 0 if r.ok else 1
+
+
+def _compact(a: argparse.Namespace) -> int:
+    from conveyor.compact import compact
+
+    with progress_bar("compacting") as cb:
+        r = compact(a.store, progress=cb)
+    if r.rewritten:
+        print(f"compacted {r.store}: {r.files_before} -> {r.files_after} files, now {r.version.short} "
+              f"({r.seconds:.2f} s)")
+    else:
+        print(f"{r.store}: nothing to compact ({r.files_before} files)")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the store subcommands (filled in by the core store work)."""
+    def sizes(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-mb", type=int, default=100, help="data file size target (MB, new stores)")
+        p.add_argument("--video-mb", type=int, default=200, help="video file size target (MB, new stores)")
+        p.add_argument("--task", help="task text for episodes recorded without one")
+
+    p = sub.add_parser("convert", help="one-shot v2.1 -> v3.0 conversion into a new store")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    sizes(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.set_defaults(handler=_convert)
+
+    p = sub.add_parser("ingest", help="append new complete episodes of SRC to STORE (created if missing)")
+    p.add_argument("src", type=Path)
+    p.add_argument("store", type=Path)
+    sizes(p)
+    p.add_argument("--lock-timeout", type=float, default=60.0, help="seconds to wait for another writer")
+    p.set_defaults(handler=_ingest)
+
+    p = sub.add_parser("validate", help="check a store (exit 1 on any failure)")
+    p.add_argument("store", type=Path)
+    p.add_argument("--against", type=Path, help="the v2.1 source to compare rows and frames with")
+    p.add_argument("--deep", action="store_true", help="also load through lerobot's LeRobotDataset")
+    p.add_argument("-v", "--verbose", action="store_true", help="list passing checks too")
+    p.set_defaults(handler=_validate)
+
+    p = sub.add_parser("compact", help="merge undersized files up to the size targets")
+    p.add_argument("store", type=Path)
+    p.set_defaults(handler=_compact)

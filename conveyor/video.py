@@ -84,6 +84,7 @@ def concat(inputs: list[Path], out: Path) -> list[tuple[float, float]]:
         with av.open(str(tmp), "w", format="mp4") as oc:
             ostream = None
             cursor = 0  # next free presentation tick in the first input's time base
+            last_dts = -1
             base_tb: Fraction | None = None
             for path in inputs:
                 with _open(path) as ic:
@@ -99,8 +100,9 @@ def concat(inputs: list[Path], out: Path) -> list[tuple[float, float]]:
                         raise ConveyorError(path, "video has no frames (truncated?)")
                     p0 = min(pk.pts for pk in packets)
                     d0 = min(pk.dts if pk.dts is not None else pk.pts for pk in packets)
-                    if cursor == 0:
-                        cursor = max(0, p0 - d0)  # keep the first file's DTS non-negative (B-frames)
+                    # B-frames decode before they show (dts < pts): start late enough that DTS stays
+                    # non-negative and strictly increasing across the join (lerobot's concat fails here)
+                    cursor = max(cursor, last_dts + 1 + p0 - d0)
                     rate = s.average_rate or s.guessed_rate
                     ticks = int(round(1 / (Fraction(rate.numerator, rate.denominator) * tb))) if rate else 1
                     shift = cursor - p0
@@ -109,6 +111,7 @@ def concat(inputs: list[Path], out: Path) -> list[tuple[float, float]]:
                         pk.pts += shift
                         pk.dts = (pk.dts if pk.dts is not None else pk.pts - shift) + shift
                         last = max(last, pk.pts)
+                        last_dts = max(last_dts, pk.dts)
                         pk.stream = ostream
                         oc.mux(pk)
                     lengths.append(len(packets))

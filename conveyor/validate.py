@@ -1,0 +1,260 @@
+"""Fast (no torch) and deep (lerobot's own loader) checks of a store, optionally against its source.
+
+Fast: totals and lengths agree with the ledger; every episode's frames sit at exactly the right packet
+timestamps; data rows and sampled frames equal the source; stats equal a recomputation.
+Deep: additionally `LeRobotDataset(..., video_backend="pyav")` loads offline and returns the source's
+values for sampled items of every checked episode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from conveyor import layout, stats as st
+from conveyor.errors import ConveyorError
+from conveyor.models import ValidationReport
+from conveyor.source import V21Source
+from conveyor.store import Store
+from conveyor.tables import column_array, stats_from_row
+from conveyor.video import VideoProbe, decode_frames, probe, sample_keyframes
+
+RENUMBERED = ("episode_index", "index", "task_index")
+
+
+def load_episodes(root: Path) -> list[dict]:
+    files = sorted((root / "meta" / "episodes").glob("*/*.parquet"))
+    rows: list[dict] = []
+    for f in files:
+        rows += pq.read_table(f).to_pylist()
+    return sorted(rows, key=lambda r: r["episode_index"])
+
+
+def _sample(n: int) -> list[int]:
+    return sorted({0, n // 2, n - 1})
+
+
+class _Checker:
+    def __init__(self, store: Store, against: Path | None, report: ValidationReport):
+        self.store, self.root, self.report = store, store.root, report
+        self.info = store.info
+        self.fps = int(self.info["fps"])
+        self.features = self.info["features"]
+        self.video_keys = [k for k, f in self.features.items() if f["dtype"] == "video"]
+        self.src = V21Source.open(against) if against else None
+        self._probes: dict[str, VideoProbe] = {}
+        self._tables: dict[str, pa.Table] = {}
+        self.tasks = self._tasks()
+
+    def _tasks(self) -> list[str]:
+        from conveyor.tables import read_tasks
+        return read_tasks(self.root / layout.TASKS)
+
+    def probe(self, rel: str) -> VideoProbe:
+        if rel not in self._probes:
+            self._probes[rel] = probe(self.root / rel)
+        return self._probes[rel]
+
+    def table(self, rel: str) -> pa.Table:
+        if rel not in self._tables:
+            self._tables[rel] = pq.read_table(self.root / rel)
+        return self._tables[rel]
+
+    def episode_rows(self, row: dict) -> pa.Table:
+        rel = layout.DATA_PATH.format(chunk_index=row["data/chunk_index"], file_index=row["data/file_index"])
+        t = self.table(rel)
+        return t.filter(pc.equal(t.column("episode_index"), row["episode_index"]))
+
+    def video_rel(self, row: dict, key: str) -> str:
+        return layout.VIDEO_PATH.format(video_key=key, chunk_index=row[f"videos/{key}/chunk_index"],
+                                        file_index=row[f"videos/{key}/file_index"])
+
+    def segment(self, row: dict, key: str) -> tuple[int, ...]:
+        pr = self.probe(self.video_rel(row, key))
+        a, b = row[f"videos/{key}/from_timestamp"], row[f"videos/{key}/to_timestamp"]
+        return tuple(p for p in pr.pts if a - 1e-6 <= float(p * pr.time_base) < b - 1e-6)
+
+    # -- per-episode checks -------------------------------------------------------------------------
+
+    def check_episode(self, row: dict, ledger_rec: dict | None) -> None:
+        ep, n = row["episode_index"], row["length"]
+        add = self.report.add
+        data = self.episode_rows(row)
+        ok = data.num_rows == n
+        if ok:
+            idx = data.column("index").to_numpy()
+            fi = data.column("frame_index").to_numpy()
+            ok = (np.array_equal(idx, np.arange(row["dataset_from_index"], row["dataset_to_index"]))
+                  and np.array_equal(fi, np.arange(n)))
+        add(f"episode {ep}: data rows", ok, f"{data.num_rows} rows for length {n}")
+        if ledger_rec is not None:
+            add(f"episode {ep}: ledger length", ledger_rec["length"] == n,
+                f"ledger {ledger_rec['length']} vs store {n}")
+        for key in self.video_keys:
+            pr = self.probe(self.video_rel(row, key))
+            seg = self.segment(row, key)
+            t0 = row[f"videos/{key}/from_timestamp"]
+            times = np.array([float(p * pr.time_base) for p in seg])
+            expect = t0 + np.arange(n) / self.fps
+            ok = len(seg) == n and np.allclose(times, expect, atol=1e-4, rtol=0)
+            add(f"episode {ep}: {key} frames", ok, f"{len(seg)} frames in [{t0:.6f}, "
+                f"{row[f'videos/{key}/to_timestamp']:.6f}) for length {n}")
+        # stats equal a recomputation from the stored rows and frames
+        recomputed = {}
+        for key, ft in self.features.items():
+            if ft["dtype"] == "video":
+                seg = self.segment(row, key)
+                recomputed[key] = st.image_stats(sample_keyframes(self.root / self.video_rel(row, key), seg,
+                                                                  st.CAMERA_SAMPLES)) if seg else {}
+            elif ft["dtype"] == "image":
+                recomputed[key] = st.image_stats(st.png_frames(data.column(key).to_pylist()))
+            else:
+                recomputed[key] = st.numeric_stats(column_array(data, key))
+        bad = st.equal(recomputed, stats_from_row(self.features, row), rtol=1e-6, atol=1e-6)
+        add(f"episode {ep}: stats", not bad, ", ".join(bad[:5]))
+        if self.src is not None and ledger_rec is not None and ledger_rec["source"] == str(self.src.root):
+            self.against_source(row, data, ledger_rec["source_episode_index"])
+
+    def against_source(self, row: dict, data: pa.Table, src_ep: int) -> None:
+        ep, add = row["episode_index"], self.report.add
+        src_path = self.src.parquet_path(src_ep)
+        src_table = pq.read_table(src_path)
+        diffs = []
+        for f in data.schema:
+            if f.name in RENUMBERED:
+                continue
+            a = data.column(f.name).to_pylist()
+            b = src_table.column(f.name).to_pylist()
+            if f.name == "timestamp" or self.features[f.name]["dtype"].startswith("float"):
+                same = np.array_equal(np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32))
+            else:
+                same = a == b
+            if not same:
+                diffs.append(f.name)
+        src_tasks = V21Source.tasks(self.src)
+        want = [src_tasks.get(int(i), "") for i in src_table.column("task_index").to_pylist()]
+        got = [self.tasks[i] for i in data.column("task_index").to_pylist()]
+        if [w for w in want if w.strip()] and [g for g, w in zip(got, want) if w.strip()] != [w for w in want if w.strip()]:
+            diffs.append("task text")
+        add(f"episode {ep}: rows equal source episode {src_ep}", not diffs, ", ".join(diffs) or str(src_path))
+        for key in self.video_keys:
+            src_video = self.src.video_path(src_ep, key)
+            sp = probe(src_video)
+            seg = self.segment(row, key)
+            picks = _sample(row["length"])
+            pr = self.probe(self.video_rel(row, key))
+            a = decode_frames(self.root / self.video_rel(row, key), [float(seg[j] * pr.time_base) for j in picks])
+            b = decode_frames(src_video, [float(sp.pts[j] * sp.time_base) for j in picks])
+            same = all(np.array_equal(x, y) for x, y in zip(a, b))
+            add(f"episode {ep}: {key} frames {picks} pixel-identical to source", same, str(src_video))
+
+    # -- whole-store checks ---------------------------------------------------------------------------
+
+    def check_store(self, rows: list[dict], ledger: list[dict]) -> None:
+        add, info = self.report.add, self.info
+        n_eps, n_frames = info["total_episodes"], info["total_frames"]
+        add("episode indices contiguous", [r["episode_index"] for r in rows] == list(range(len(rows))),
+            f"{len(rows)} metadata rows")
+        add("totals match metadata", n_eps == len(rows) and n_frames == sum(r["length"] for r in rows),
+            f"info: {n_eps} episodes / {n_frames} frames")
+        add("totals match ledger", n_eps == len(ledger) and n_frames == sum(r["length"] for r in ledger),
+            f"ledger: {len(ledger)} episodes")
+        add("splits", info.get("splits") == {"train": f"0:{n_eps}"}, json.dumps(info.get("splits")))
+        frame, ok = 0, True
+        for r in rows:
+            ok &= r["dataset_from_index"] == frame and r["dataset_to_index"] == frame + r["length"]
+            frame = r["dataset_to_index"]
+        add("frame ranges contiguous", ok)
+        missing = [rel for rel, e in self.store.manifest().items()
+                   if not (self.root / rel).exists() or (self.root / rel).stat().st_size != e.size]
+        add("committed files present", not missing, ", ".join(missing[:5]))
+        referenced = {layout.DATA_PATH.format(chunk_index=r["data/chunk_index"], file_index=r["data/file_index"])
+                      for r in rows}
+        referenced |= {self.video_rel(r, k) for r in rows for k in self.video_keys}
+        on_disk = {p.relative_to(self.root).as_posix() for d in ("data", "videos")
+                   for p in (self.root / d).rglob("*") if p.is_file()} if rows else set()
+        add("no orphan or missing data/video files", on_disk == referenced,
+            f"orphans {sorted(on_disk - referenced)[:3]}, missing {sorted(referenced - on_disk)[:3]}")
+        stats_path = self.root / layout.STATS
+        if rows:
+            agg = st.aggregate([stats_from_row(self.features, r) for r in rows])
+            stored = st.from_json(json.loads(stats_path.read_text()))
+            bad = st.equal(agg, stored, rtol=1e-6, atol=1e-6)
+            add("stats.json equals aggregate of episode stats", not bad, ", ".join(bad[:5]))
+
+
+def _run(store: str | Path, against, episodes, deep: bool) -> ValidationReport:
+    t0 = time.monotonic()
+    s = Store.open(store)
+    report = ValidationReport(store=str(s.root), deep=deep, version=s.version)
+    if not s.info:
+        report.add("store has committed data", False, "no meta/info.json (empty store)")
+        return report
+    chk = _Checker(s, Path(against).resolve() if against else None, report)
+    rows = load_episodes(s.root)
+    ledger = s.ledger()
+    by_ep = {r["episode_index"]: r for r in ledger}
+    chk.check_store(rows, ledger)
+    todo = list(range(len(rows))) if episodes is None else [e for e in episodes if 0 <= e < len(rows)]
+    report.episodes_checked = todo
+    for e in todo:
+        chk.check_episode(rows[e], by_ep.get(e))
+    if deep:
+        _deep(s, chk, rows, todo)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def validate_fast(store: str | Path, *, against: str | Path | None = None,
+                  episodes: list[int] | None = None) -> ValidationReport:
+    return _run(store, against, episodes, deep=False)
+
+
+def validate_deep(store: str | Path, *, against: str | Path | None = None,
+                  episodes: list[int] | None = None) -> ValidationReport:
+    return _run(store, against, episodes, deep=True)
+
+
+def _deep(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
+    """Load through lerobot 0.4.4 exactly as lerobot-train does, fully offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    add = chk.report.add
+    try:
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+        ds = LeRobotDataset(f"local/{s.root.name}", root=s.root, video_backend="pyav")
+    except Exception as e:  # any failure here is exactly what the deep check exists to catch
+        add("lerobot LeRobotDataset loads offline", False, f"{type(e).__name__}: {e}")
+        return
+    add("lerobot LeRobotDataset loads offline", ds.num_episodes == len(rows) and len(ds) == chk.info["total_frames"],
+        f"{ds.num_episodes} episodes, {len(ds)} frames")
+    for e in todo:
+        row = rows[e]
+        data = chk.episode_rows(row)
+        bad = []
+        for j in _sample(row["length"]):
+            item = ds[row["dataset_from_index"] + j]
+            for key, ft in chk.features.items():
+                if ft["dtype"] in ("video", "image"):
+                    continue
+                want = np.asarray(data.column(key)[j].as_py(), dtype=np.float64).reshape(-1)
+                got = item[key].numpy().astype(np.float64).reshape(-1)
+                if not np.allclose(want, got, rtol=0, atol=1e-6):
+                    bad.append(f"{key}[{j}]")
+            if item["task"] != chk.tasks[data.column("task_index")[j].as_py()]:
+                bad.append(f"task[{j}]")
+            for key in chk.video_keys:
+                seg = chk.segment(row, key)
+                pr = chk.probe(chk.video_rel(row, key))
+                ref = decode_frames(s.root / chk.video_rel(row, key), [float(seg[j] * pr.time_base)])[0]
+                got = (item[key].numpy().transpose(1, 2, 0) * 255.0)
+                if np.abs(got - ref.astype(np.float64)).max() > 1.0:
+                    bad.append(f"{key}[{j}]")
+        add(f"episode {e}: lerobot items equal stored data and frames", not bad, ", ".join(bad[:5]))
