@@ -51,6 +51,13 @@ def print_validation(r: ValidationReport, verbose: bool) -> None:
     print(f"{kind} validation of {r.store} {verdict}: {len(r.episodes_checked)} episodes, {r.seconds:.2f} s")
 
 
+def _exit_code(r: IngestReport) -> int:
+    """Landed what it could; a bad or changed episode still makes the command fail, naming the file."""
+    for q in r.quarantined + r.changed:
+        print(f"conveyor: error: {q.reason}", file=sys.stderr)
+    return 1 if r.quarantined or r.changed else 0
+
+
 def _convert(a: argparse.Namespace) -> int:
     from conveyor.ingest import convert
 
@@ -58,7 +65,7 @@ def _convert(a: argparse.Namespace) -> int:
         r = convert(a.src, a.dst, task=a.task, data_mb=a.data_mb, video_mb=a.video_mb, overwrite=a.overwrite,
                     progress=cb)
     print_ingest(r)
-    return 0
+    return _exit_code(r)
 
 
 def _ingest(a: argparse.Namespace) -> int:
@@ -68,7 +75,7 @@ def _ingest(a: argparse.Namespace) -> int:
         r = ingest(a.src, a.store, task=a.task, data_mb=a.data_mb, video_mb=a.video_mb,
                    lock_timeout=a.lock_timeout, progress=cb)
     print_ingest(r)
-    return 1 if r.changed else 0
+    return _exit_code(r)
 
 
 def _validate(a: argparse.Namespace) -> int:
@@ -94,8 +101,8 @@ def _compact(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     def sizes(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data-mb", type=int, default=100, help="data file size target (MB, new stores)")
-        p.add_argument("--video-mb", type=int, default=200, help="video file size target (MB, new stores)")
+        p.add_argument("--data-mb", type=float, default=100, help="data file size target (MB, new stores)")
+        p.add_argument("--video-mb", type=float, default=200, help="video file size target (MB, new stores)")
         p.add_argument("--task", help="task text for episodes recorded without one")
 
     p = sub.add_parser("convert", help="one-shot v2.1 -> v3.0 conversion into a new store")

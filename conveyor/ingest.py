@@ -251,8 +251,8 @@ def _load_stats(store: Store) -> dict:
 
 # -- entry points --------------------------------------------------------------------------------------
 
-def ingest(source: str | Path, store: str | Path, *, task: str | None = None, data_mb: int = 100,
-           video_mb: int = 200, lock_timeout: float | None = 60.0, progress: Progress | None = None,
+def ingest(source: str | Path, store: str | Path, *, task: str | None = None, data_mb: float = 100,
+           video_mb: float = 200, lock_timeout: float | None = 60.0, progress: Progress | None = None,
            max_episodes: int | None = None) -> IngestReport:
     """Append every complete source episode not yet in the store (creating it if missing)."""
     t0 = time.monotonic()
@@ -362,8 +362,8 @@ def _ingest_locked(src: V21Source, s: Store, task, data_mb, video_mb, progress, 
     return report
 
 
-def convert(source: str | Path, dst: str | Path, *, task: str | None = None, data_mb: int = 100,
-            video_mb: int = 200, overwrite: bool = False, progress: Progress | None = None) -> IngestReport:
+def convert(source: str | Path, dst: str | Path, *, task: str | None = None, data_mb: float = 100,
+            video_mb: float = 200, overwrite: bool = False, progress: Progress | None = None) -> IngestReport:
     """One-shot conversion into a fresh store, built beside `dst` and renamed into place at the end."""
     dst = Path(dst).resolve()
     if dst.exists() and any(dst.iterdir()) and not overwrite:

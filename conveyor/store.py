@@ -31,6 +31,12 @@ from conveyor.errors import ConveyorError, StoreLocked
 from conveyor.models import DatasetVersion
 
 DOT = ".conveyor"
+CRASH_ENV = "CONVEYOR_CRASH_AT"  # fault injection for the crash tests: SIGKILL self at a named point
+
+
+def crashpoint(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), 9)
 
 
 def is_store(path: str | Path) -> bool:
@@ -280,9 +286,11 @@ class Store:
         }
         for d in {p.parent for p in c.dir.rglob("*") if p.is_file()}:
             _fsync_dir(d)
+        crashpoint("staged")
         _write_atomic(self.dot / "commits" / f"{version.commit:08d}.json",
                       json.dumps(record, ensure_ascii=False).encode("utf-8"))
         _fsync_dir(self.dot / "commits")
+        crashpoint("recorded")
         self._apply(record)
         return version
 
@@ -298,6 +306,7 @@ class Store:
                     dst = self.root / rel
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, dst)
+                    crashpoint(f"renamed:{rel}")
             for rel in record["remove"]:
                 (self.root / rel).unlink(missing_ok=True)
             if record["ledger"]:
@@ -306,7 +315,9 @@ class Store:
                         f.write(json.dumps(r, ensure_ascii=False) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
+            crashpoint("ledger")
             _write_atomic(self.dot / "HEAD", json.dumps(record["version"]).encode())
+        crashpoint("head")
         shutil.rmtree(staging, ignore_errors=True)
         for rel in record["remove"]:  # drop folders emptied by compaction
             parent = (self.root / rel).parent

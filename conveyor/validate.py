@@ -148,6 +148,10 @@ class _Checker:
             sp = probe(src_video)
             seg = self.segment(row, key)
             picks = _sample(row["length"])
+            if len(seg) != row["length"] or sp.frames != row["length"]:
+                add(f"episode {ep}: {key} frames comparable with source", False,
+                    f"store segment has {len(seg)} frames, source {sp.frames}, length {row['length']}")
+                continue
             pr = self.probe(self.video_rel(row, key))
             a = decode_frames(self.root / self.video_rel(row, key), [float(seg[j] * pr.time_base) for j in picks])
             b = decode_frames(src_video, [float(sp.pts[j] * sp.time_base) for j in picks])
@@ -252,6 +256,9 @@ def _deep(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
                 bad.append(f"task[{j}]")
             for key in chk.video_keys:
                 seg = chk.segment(row, key)
+                if len(seg) != row["length"]:
+                    bad.append(f"{key} segment")
+                    continue
                 pr = chk.probe(chk.video_rel(row, key))
                 ref = decode_frames(s.root / chk.video_rel(row, key), [float(seg[j] * pr.time_base)])[0]
                 got = (item[key].numpy().transpose(1, 2, 0) * 255.0)

@@ -144,7 +144,6 @@ def decode_frames(path: Path, times: list[float], tol: float = 1e-4) -> list[np.
     out: list[np.ndarray] = []
     with _open(path) as c:
         s = c.streams.video[0]
-        s.thread_type = "AUTO"
         tb = s.time_base
         for t in times:
             c.seek(int(t / tb), stream=s, backward=True, any_frame=False)
