@@ -1,0 +1,119 @@
+"""Prefect tasks around conveyor.training: preflight, the lerobot-train attempt, offline evaluation.
+
+Thin wrappers: the work is in `conveyor.training.*`; here are run logs, progress/table/markdown artifacts.
+No task retries: the `train` flow's retries re-run an attempt, which resumes from the newest checkpoint.
+"""
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger, task
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.cache_policies import NONE
+
+from conveyor.settings import load_settings
+from conveyor.training.job import TrainResult, run_attempt
+from conveyor.training.preflight import TrainPlan, preflight
+from conveyor.training.request import TrainRequest
+from conveyor.training.runner import StepMetrics
+from tasks.artifacts import slug
+
+
+@task(name="train-preflight", cache_policy=NONE)
+def preflight_task(request: TrainRequest, run_name: str, config: str | None = None) -> TrainPlan:
+    """Refuse a bad request before any GPU time is spent (one sentence), else the resolved plan."""
+    plan = preflight(request, load_settings(config), run_name=run_name)
+    log = get_run_logger()
+    log.info("run %s: %s on %s (%s), recipe %s (%s), batch %d, %d steps, video backend %s", plan.run_name,
+             plan.policy_type, plan.dataset_root, plan.dataset_version.short if plan.dataset_version else "no ledger",
+             plan.recipe, plan.recipe_reason, plan.batch_size, request.steps, plan.video_backend)
+    args = "\n".join(f"    {a}" for a in plan.args)
+    create_markdown_artifact(
+        f"# Training plan `{plan.run_name}`\n\n| | |\n| --- | --- |\n| dataset | `{plan.dataset_root}` |\n"
+        f"| dataset version | {plan.dataset_version.short if plan.dataset_version else '-'} |\n"
+        f"| policy | {plan.policy_type} |\n| recipe | {plan.recipe} ({plan.recipe_reason}) |\n"
+        f"| output | `{plan.output_dir}` |\n| archive | `{plan.archive_url or 'off'}` |\n\n"
+        f"Fresh-start command:\n\n    lerobot-train \\\n{args}\n",
+        key=f"train-plan-{slug(plan.run_name)}", description=f"training plan of {plan.run_name}")
+    return plan
+
+
+class _Progress:
+    """Progress artifact fed from parsed log lines; updated at most every `every` seconds."""
+
+    def __init__(self, plan: TrainPlan, every: float = 2.0):
+        self.total, self.every, self.last = plan.request.steps, every, 0.0
+        self.key = f"train-progress-{slug(plan.run_name)}"
+        self.id = None
+
+    def __call__(self, m: StepMetrics) -> None:
+        now = time.monotonic()
+        if self.id is not None and now - self.last < self.every and m.step < self.total:
+            return
+        pct = min(100.0, 100.0 * m.step / self.total)
+        desc = f"step {m.step}/{self.total}, loss {m.loss:.4g}, {m.samples_per_s:.1f} samples/s"
+        try:
+            if self.id is None:
+                self.id = create_progress_artifact(pct, key=self.key, description=desc)
+            else:
+                update_progress_artifact(self.id, pct, description=desc)
+        except Exception:  # noqa: BLE001 -- a display must never stop training
+            return
+        self.last = now
+
+
+@task(name="train-run", cache_policy=NONE)
+def run_task(plan: TrainPlan, config: str | None = None) -> TrainResult:
+    """One lerobot-train attempt (fresh or resumed); its output goes line by line into this run's log."""
+    log = get_run_logger()
+    rows: list[StepMetrics] = []
+    progress = _Progress(plan)
+
+    def on_metrics(m: StepMetrics) -> None:
+        rows.append(m)
+        progress(m)
+
+    try:
+        result = run_attempt(plan, load_settings(config), log=log.info, on_line=log.info, on_metrics=on_metrics)
+    finally:
+        if rows:
+            every = max(1, len(rows) // 50)
+            table = [{"step": m.step, "loss": round(m.loss, 5), "grad norm": round(m.grad_norm, 4),
+                      "lr": f"{m.lr:.2e}", "samples/s": round(m.samples_per_s, 2), "update s": m.update_s,
+                      "data s": m.data_s} for m in rows[::every] + ([rows[-1]] if (len(rows) - 1) % every else [])]
+            create_table_artifact(table, key=f"train-metrics-{slug(plan.run_name)}",
+                                  description=f"{plan.run_name}: parsed lerobot-train metrics (this attempt)")
+    _summary(plan, result)
+    return result
+
+
+def _summary(plan: TrainPlan, r: TrainResult) -> None:
+    state = "already finished" if r.already_finished else f"trained steps {r.started_from}->{r.final_step}"
+    where = f" (downloaded from the archive)" if r.started_from_archive else ""
+    lines = [f"# Run `{r.run_name}`: {state}{where}", "", f"- output: `{r.output_dir}`"]
+    if r.loss_plot:
+        lines.append(f"- loss curve: [{r.loss_plot}](file://{r.loss_plot})")
+    if r.log_path:
+        lines.append(f"- log: `{r.log_path}`")
+    if plan.archive_url:
+        lines.append(f"- archive: `{plan.archive_url}/runs/{r.run_name}/` (checkpoints archived by this attempt: "
+                     f"{', '.join(r.archived) or 'none'})")
+    if r.path_rewrites:
+        lines += ["", "Paths rewritten for this machine:", *[f"- `{c}`" for c in r.path_rewrites]]
+    create_markdown_artifact("\n".join(lines), key=f"train-run-{slug(r.run_name)}",
+                             description=f"{r.run_name} at step {r.final_step}")
+
+
+@task(name="evaluate", cache_policy=NONE)
+def evaluate_task(run: str, episodes: list[int] | None = None, config: str | None = None,
+                  checkpoint: str | None = None) -> dict:
+    """Offline evaluation of a run's checkpoint on held-out episodes; per-joint MAE/MSE as a table."""
+    from conveyor.training.evaluate import evaluate
+
+    report = evaluate(run, load_settings(config), episodes=episodes, checkpoint=checkpoint)
+    get_run_logger().info("%s", report.summary())
+    create_table_artifact(report.table(), key=f"evaluate-{slug(report.run)}",
+                          description=f"{report.run} step {report.step}: per-joint error on episodes "
+                                      f"{report.episodes} ({report.frames} frames)")
+    return report.model_dump(mode="json")
