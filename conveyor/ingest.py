@@ -13,6 +13,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,11 @@ from conveyor.source import SourceEpisode, V21Source
 from conveyor.store import Commit, Store, is_store
 from conveyor.tables import (column_array, data_schema, episodes_schema, read_tasks, stats_columns,
                              tasks_table)
-from conveyor.video import concat, probe, sample_keyframes
+from conveyor.video import concat, probe
 
 Progress = Callable[[int, int, str], None]
 MB = 1024 * 1024
+LOAD_THREADS = 2  # this machine's cores; more only adds memory
 
 
 def _file_fingerprint(paths: list[Path]) -> dict[str, list[int]]:
@@ -91,7 +93,8 @@ class Prepared:
     """A source episode turned into store rows, stats and video spans (videos not yet copied)."""
 
     src: SourceEpisode
-    table: pa.Table
+    table: pa.Table | None  # dropped once written
+    length: int
     stats: dict
     tasks: list[str]
     video_pts: dict[str, tuple[int, ...]]
@@ -99,13 +102,39 @@ class Prepared:
     fingerprint: dict
 
 
-def prepare_episode(src: V21Source, ep: SourceEpisode, episode_index: int, first_frame: int,
-                    task_ids: dict[str, int], task_list: list[str], src_tasks: dict[int, str],
-                    default_task: str | None, schema: pa.Schema) -> Prepared:
+@dataclass
+class Loaded:
+    """The per-episode work that needs no store state, so episodes can be loaded in parallel."""
+
+    table: pa.Table
+    video_stats: dict
+    video_pts: dict[str, tuple[int, ...]]
+    content_hash: str
+    fingerprint: dict
+
+
+def load_episode(src: V21Source, ep: SourceEpisode) -> Loaded:
     try:
-        table = pq.read_table(ep.parquet)
+        table = pq.ParquetFile(ep.parquet).read()  # not pq.read_table: that imports pandas (0.4 s)
     except Exception as e:
         raise BadEpisode(ep.parquet, f"corrupt parquet: {e}", ep.index) from None
+    video_stats, video_pts = {}, {}
+    for key, path in ep.videos.items():
+        try:
+            pr, frames = probe(path, sample=st.CAMERA_SAMPLES)
+        except ConveyorError as e:
+            raise BadEpisode(path, e.problem, ep.index) from None
+        video_pts[key] = pr.pts
+        video_stats[key] = st.image_stats(frames)
+    files = src.episode_files(ep.index)
+    return Loaded(table, video_stats, video_pts, _content_hash(files), _file_fingerprint(files))
+
+
+def prepare_episode(src: V21Source, ep: SourceEpisode, loaded: Loaded, episode_index: int, first_frame: int,
+                    task_ids: dict[str, int], task_list: list[str], src_tasks: dict[int, str],
+                    default_task: str | None, schema: pa.Schema) -> Prepared:
+    """Renumber rows, map task text to store task indices, and compute the row stats (sequential)."""
+    table = loaded.table
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise BadEpisode(ep.parquet, f"missing columns {missing}", ep.index)
@@ -153,41 +182,41 @@ def prepare_episode(src: V21Source, ep: SourceEpisode, episode_index: int, first
             ep_stats[key] = st.image_stats(st.png_frames(out.column(key).to_pylist()))
         else:
             ep_stats[key] = st.numeric_stats(column_array(out, key))
-    video_pts = {}
-    for key, path in ep.videos.items():
-        pr = probe(path)
-        video_pts[key] = pr.pts
-        ep_stats[key] = st.image_stats(sample_keyframes(path, pr.pts, st.CAMERA_SAMPLES))
-    files = src.episode_files(ep.index)
+    ep_stats |= loaded.video_stats
     tasks = sorted({task_list[i] for i in remap.values()}, key=task_list.index)
-    return Prepared(ep, out, ep_stats, tasks, video_pts, _content_hash(files), _file_fingerprint(files))
+    return Prepared(ep, out, n, ep_stats, tasks, loaded.video_pts, loaded.content_hash, loaded.fingerprint)
 
 
 # -- batches -------------------------------------------------------------------------------------------
 
-def _write_data(commit: Commit, store: Store, batch: list[Prepared], schema: pa.Schema, data_mb: int
-                ) -> list[int]:
-    """Write rows into new data files, rolling over at data_mb (uncompressed, like lerobot)."""
-    linear = store.next_linear("data")
-    writer, size, rel, out = None, 0, None, []
-    try:
-        for p in batch:
-            nbytes = p.table.nbytes
-            if writer is not None and size + nbytes >= data_mb * MB:
-                writer.close()
-                commit.staged(rel)
-                writer, size, linear = None, 0, linear + 1
-            if writer is None:
-                rel = layout.data_path(linear)
-                writer = pq.ParquetWriter(commit.path(rel), schema, compression="snappy", use_dictionary=True)
-            writer.write_table(p.table)
-            size += nbytes
-            out.append(linear)
-    finally:
-        if writer is not None:
-            writer.close()
-            commit.staged(rel)
-    return out
+class DataWriter:
+    """Streams renumbered rows into new data files, rolling over at data_mb (uncompressed, like lerobot),
+    so memory holds one episode's rows at a time, however large the batch."""
+
+    def __init__(self, commit: Commit, first_linear: int, schema: pa.Schema, data_mb: float):
+        self.commit, self.linear, self.schema, self.limit = commit, first_linear, schema, data_mb * MB
+        self.writer: pq.ParquetWriter | None = None
+        self.size = 0
+        self.rel = ""
+
+    def write(self, table: pa.Table) -> int:
+        """Append one episode's rows; returns the file number that holds them."""
+        if self.writer is not None and self.size + table.nbytes >= self.limit:
+            self.close()
+            self.linear += 1
+        if self.writer is None:
+            self.rel = layout.data_path(self.linear)
+            self.writer = pq.ParquetWriter(self.commit.path(self.rel), self.schema, compression="snappy",
+                                           use_dictionary=True)
+        self.writer.write_table(table)
+        self.size += table.nbytes
+        return self.linear
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.commit.staged(self.rel)
+            self.writer, self.size = None, 0
 
 
 def _write_videos(commit: Commit, store: Store, batch: list[Prepared], key: str, video_mb: int
@@ -218,7 +247,7 @@ def _episode_rows(batch, episode_start, frame_start, data_files, video_files, fe
     rows, frame = [], frame_start
     mc, mf = layout.split_index(meta_linear)
     for i, p in enumerate(batch):
-        n = p.table.num_rows
+        n = p.length
         dc, df = layout.split_index(data_files[i])
         row = {"episode_index": episode_start + i, "tasks": p.tasks, "length": n,
                "data/chunk_index": dc, "data/file_index": df,
@@ -309,26 +338,38 @@ def _ingest_locked(src: V21Source, s: Store, task, data_mb, video_mb, progress, 
     src_tasks = src.tasks()
     episode_start, frame_start = int(info["total_episodes"]), int(info["total_frames"])
     batch: list[Prepared] = []
+    data_files: list[int] = []
     frame = frame_start
-    for i, ep in enumerate(ready):
-        if progress:
-            progress(i, len(ready), f"episode {ep.index}")
-        try:
-            p = prepare_episode(src, ep, episode_start + len(batch), frame, task_ids, task_list, src_tasks,
-                                task, schema)
-        except (BadEpisode, ConveyorError) as e:
-            report.quarantined.append(Quarantined(source=source_key, source_episode_index=ep.index, reason=str(e)))
-            continue
-        batch.append(p)
-        frame += p.table.num_rows
-    if not batch:
-        return report
-    if progress:
-        progress(len(ready), len(ready), "writing files")
-
     commit = s.begin("append")
     try:
-        data_files = _write_data(commit, s, batch, schema, data_mb)
+        data = DataWriter(commit, s.next_linear("data"), schema, data_mb)
+        # decoding and hashing release the GIL: load two episodes at a time, renumber and write in order
+        with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:
+            futures: dict[int, Future] = {}
+            for i, ep in enumerate(ready):
+                for j in range(i, min(i + LOAD_THREADS + 1, len(ready))):  # bounded read-ahead
+                    if j not in futures:
+                        futures[j] = pool.submit(load_episode, src, ready[j])
+                if progress:
+                    progress(i, len(ready), f"episode {ep.index}")
+                try:
+                    loaded = futures.pop(i).result()
+                    p = prepare_episode(src, ep, loaded, episode_start + len(batch), frame, task_ids,
+                                        task_list, src_tasks, task, schema)
+                except ConveyorError as e:
+                    report.quarantined.append(Quarantined(source=source_key, source_episode_index=ep.index,
+                                                          reason=str(e)))
+                    continue
+                data_files.append(data.write(p.table))
+                p.table = None
+                batch.append(p)
+                frame += p.length
+        data.close()
+        if not batch:
+            commit.abort()
+            return report
+        if progress:
+            progress(len(ready), len(ready), "writing videos")
         video_keys = [k for k, f in features.items() if f["dtype"] == "video"]
         video_files = {k: _write_videos(commit, s, batch, k, video_mb) for k in video_keys}
         meta_linear = s.next_linear("meta")

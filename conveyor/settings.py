@@ -73,9 +73,12 @@ class TrainTriggerSettings(BaseModel):
     policy: Literal["off", "every_n", "nightly"] = "off"
     every_n: int = Field(50, ge=1, description="new episodes between trainings (policy every_n)")
     deployment: str = "train/train"
-    parameters: dict[str, Any] = Field(default_factory=dict, description=(
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"request": {"store": "{store}",
+                                                                         "dataset_version": "{content_hash}"}},
+                                       description=(
         "parameters of the training run; string values may use {store}, {store_path}, {commit}, "
-        "{commit_id}, {content_hash}, {total_episodes}, {total_frames} (see conveyor.trigger)"))
+        "{commit_id}, {content_hash}, {total_episodes}, {total_frames} (see conveyor.trigger); "
+        "the default pins the `train` flow's request to the store and the version just committed"))
 
 
 class PrefectSettings(BaseModel):

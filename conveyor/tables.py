@@ -70,7 +70,7 @@ def tasks_table(tasks: list[str]) -> pa.Table:
 def read_tasks(path: Path) -> list[str]:
     if not path.exists():
         return []
-    t = pq.read_table(path)
+    t = pq.ParquetFile(path).read()
     order = t.column("task_index").to_pylist()
     names = t.column("__index_level_0__").to_pylist()
     return [n for _, n in sorted(zip(order, names))]

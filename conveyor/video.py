@@ -6,6 +6,7 @@ durations, upstream issue #3177) and must not import torch on the conversion pat
 """
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -30,6 +31,7 @@ class VideoProbe:
     width: int
     height: int
     frame_ticks: int  # duration of one frame in time_base units
+    keyframes: frozenset[int] = frozenset()  # pts of packets flagged as keyframes
 
     def times(self) -> list[float]:
         return [float(p * self.time_base) for p in self.pts]
@@ -42,8 +44,12 @@ def _open(path: Path):
         raise ConveyorError(path, f"cannot open video: {e}") from None
 
 
-def probe(path: str | Path) -> VideoProbe:
-    """Demux (no decode) the first video stream; a truncated or undecodable file raises ConveyorError."""
+def probe(path: str | Path, sample: int = 0) -> VideoProbe | tuple[VideoProbe, list[np.ndarray]]:
+    """Demux (no decode) the first video stream; a truncated or undecodable file raises ConveyorError.
+
+    With `sample=k`, also decode the k keyframes `pick_keyframes` chooses for the whole file in the same
+    pass (only those packets are decoded) and return `(probe, frames)`.
+    """
     path = Path(path)
     with _open(path) as c:
         if not c.streams.video:
@@ -51,12 +57,15 @@ def probe(path: str | Path) -> VideoProbe:
         s = c.streams.video[0]
         pts: list[int] = []
         durations: list[int] = []
+        keyframes: dict[int, av.Packet] = {}
         try:
             for pk in c.demux(s):
                 if pk.size == 0 or pk.pts is None:
                     continue
                 pts.append(pk.pts)
                 durations.append(pk.duration or 0)
+                if pk.is_keyframe:
+                    keyframes[pk.pts] = pk
         except av.error.FFmpegError as e:
             raise ConveyorError(path, f"truncated or corrupt video: {e}") from None
         if not pts:
@@ -67,8 +76,35 @@ def probe(path: str | Path) -> VideoProbe:
             ticks = int(round(1 / (Fraction(rate.numerator, rate.denominator) * tb)))
         else:
             ticks = max(durations) or 1
-        return VideoProbe(len(pts), tuple(sorted(pts)), tb, s.codec_context.name, s.codec_context.width,
-                          s.codec_context.height, ticks)
+        pr = VideoProbe(len(pts), tuple(sorted(pts)), tb, s.codec_context.name, s.codec_context.width,
+                        s.codec_context.height, ticks, frozenset(keyframes))
+        if not sample:
+            return pr
+        ctx = s.codec_context
+        ctx.thread_count = 1  # a few independent keyframes: decoder threads only add start-up cost
+        frames = []
+        try:
+            for kp in pick_keyframes(pr.pts, pr.keyframes, sample):
+                out = ctx.decode(keyframes[kp]) or ctx.decode(None)
+                frames.append(out[0].to_ndarray(format="rgb24"))
+                ctx.flush_buffers()
+        except (av.error.FFmpegError, IndexError) as e:
+            raise ConveyorError(path, f"undecodable keyframe: {e}") from None
+        return pr, frames
+
+
+def pick_keyframes(seg_pts: tuple[int, ...] | list[int], keyframes: frozenset[int], k: int) -> list[int]:
+    """The keyframes (pts) that camera stats use for one episode: for k evenly spaced frame positions,
+    the last keyframe at or before it. Chosen by position, so an episode sampled in its source file and
+    in a concatenated store file yields the same frames."""
+    n = len(seg_pts)
+    kfs = sorted(p for p in keyframes if seg_pts[0] <= p <= seg_pts[-1])
+    out: list[int] = []
+    for j in sorted({(i * n) // k for i in range(min(k, n))}):
+        i = bisect.bisect_right(kfs, seg_pts[j]) - 1
+        if i >= 0 and kfs[i] not in out:
+            out.append(kfs[i])
+    return out
 
 
 def concat(inputs: list[Path], out: Path) -> list[tuple[float, float]]:
@@ -161,26 +197,18 @@ def decode_frames(path: Path, times: list[float], tol: float = 1e-4) -> list[np.
     return out
 
 
-def sample_keyframes(path: Path, seg_pts: list[int] | tuple[int, ...], k: int) -> list[np.ndarray]:
-    """Up to k keyframes spread over one episode's frames (`seg_pts`, sorted): cheap pixels for camera stats.
-
-    Targets are picked by frame position, not float time, so the same episode sampled in its source
-    file and in a concatenated store file yields the same frames.
-    """
+def sample_keyframes(path: Path, pr: VideoProbe, seg_pts: tuple[int, ...], k: int) -> list[np.ndarray]:
+    """The frames `pick_keyframes` chooses for one episode inside a (concatenated) file, by seeking."""
     frames: list[np.ndarray] = []
-    seen: set[int] = set()
-    n = len(seg_pts)
-    lo, hi = seg_pts[0], seg_pts[-1]
     with _open(path) as c:
         s = c.streams.video[0]
-        s.codec_context.skip_frame = "NONKEY"
-        for j in sorted({(i * n) // k for i in range(min(k, n))}):
-            c.seek(seg_pts[j], stream=s, backward=True, any_frame=False)
+        s.codec_context.thread_count = 1
+        for kp in pick_keyframes(seg_pts, pr.keyframes, k):
+            c.seek(kp, stream=s, backward=True, any_frame=False)
             for frame in c.decode(s):
-                if frame.pts < lo:
-                    continue
-                if frame.pts <= hi and frame.pts not in seen:
-                    seen.add(frame.pts)
+                if frame.pts == kp:
                     frames.append(frame.to_ndarray(format="rgb24"))
-                break
+                    break
+                if frame.pts > kp:
+                    raise ConveyorError(path, f"keyframe at pts {kp} not found after seeking")
     return frames
