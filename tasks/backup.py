@@ -1,0 +1,113 @@
+"""Prefect tasks around `conveyor.backup`: one snapshot per target, a sampled verify, retention, and the
+credentials block. Work lives in `conveyor.backup`; here are retries (transient storage errors only),
+logging and progress artifacts."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from conveyor.backup import BackupReport, PruneReport, VerifyReport
+from conveyor.backup import backup as core_backup
+from conveyor.backup import prune as core_prune
+from conveyor.backup import verify as core_verify
+from conveyor.errors import ConveyorError, StoreLocked
+from conveyor.settings import load_settings
+from conveyor.storage import ObjectStore, TransientStorageError, open_store
+from tasks.artifacts import Progress, slug
+from tasks.retry import _exception
+
+DELAYS = [5.0, 30.0, 120.0]
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Unreachable/overloaded storage, a busy store lock or a local I/O hiccup: worth another try.
+    Any other ConveyorError (bad credentials, missing bucket, bad source) is not."""
+    if isinstance(exc, (TransientStorageError, StoreLocked)):
+        return True
+    if isinstance(exc, ConveyorError):
+        return False
+    return isinstance(exc, (OSError, TimeoutError))
+
+
+def retry_transient(task_: Any, task_run: Any, state: Any) -> bool:
+    return is_transient(_exception(state))
+
+
+def boto3_session_from_block(name: str) -> tuple[Any, str | None]:
+    """A prefect-aws `AwsCredentials` block (or an `S3Bucket` block, using its credentials) -> a boto3
+    Session and the block's endpoint_url. `name` may be `block-type-slug/name` for any such block."""
+    from prefect.blocks.core import Block
+    from prefect_aws import AwsCredentials, S3Bucket
+
+    try:
+        block = Block.load(name) if "/" in name else AwsCredentials.load(name)
+    except ValueError as e:
+        raise ConveyorError(f"block {name!r}", f"cannot load the AWS credentials block: {e}") from None
+    if isinstance(block, S3Bucket):
+        block = block.credentials
+    if not hasattr(block, "get_boto3_session"):
+        raise ConveyorError(f"block {name!r}", "not an AwsCredentials or S3Bucket block")
+    params = getattr(block, "aws_client_parameters", None)
+    return block.get_boto3_session(), getattr(params, "endpoint_url", None)
+
+
+def open_repo(config: str | None, url: str) -> ObjectStore:
+    settings = load_settings(config)
+    session = None
+    if url.startswith("s3://") and settings.s3.aws_credentials_block:
+        session, endpoint = boto3_session_from_block(settings.s3.aws_credentials_block)
+        if endpoint and not settings.s3.endpoint_url:
+            settings.s3.endpoint_url = endpoint
+    return open_store(url, settings.s3, settings.transfer, session=session)
+
+
+def _this_thread_only(cb):
+    """Transfers report progress from worker threads; Prefect artifacts need the task's own thread."""
+    owner = threading.get_ident()
+
+    def forward(done: int, total: int, desc: str) -> None:
+        if threading.get_ident() == owner:
+            cb(done, total, desc)
+    return forward
+
+
+@task(name="backup-target", retries=len(DELAYS), retry_delay_seconds=DELAYS, retry_condition_fn=retry_transient)
+def backup_target(name: str, path: Path, url: str, config: str | None = None) -> BackupReport:
+    """One snapshot of a store or recording. A retry starts over; objects already sent are not re-sent."""
+    log = get_run_logger()
+    settings = load_settings(config)
+    with open_repo(config, url) as repo:
+        r = core_backup(path, repo, name=name, index_dir=settings.work_dir / "backup-index",
+                        progress=_this_thread_only(Progress(key=f"backup-progress-{slug(name)}")),
+                        concurrency=settings.transfer.max_concurrency)
+    log.info("%s -> %s@%s: %d files (%d sent, %d already stored), %.1f MB sent in %.2f s",
+             path, url, r.snapshot, r.files_total, r.files_sent, r.files_skipped, r.bytes_sent / 1e6, r.seconds)
+    for rel in r.changed:
+        log.warning("%s: changed while being read; not in this snapshot, the next backup takes it", path / rel)
+    return r
+
+
+@task(name="verify-snapshot", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
+def verify_snapshot(url: str, snapshot: str, sample: int, config: str | None = None) -> VerifyReport:
+    with open_repo(config, url) as repo:
+        r = core_verify(repo, snapshot, sample=sample)
+    if not r.ok:
+        raise ConveyorError(f"{url}@{snapshot}", "verification failed: " + "; ".join(r.failures[:5]))
+    get_run_logger().info("%s@%s verified: %d objects present, %d re-read", url, snapshot, r.objects_total,
+                          r.objects_read)
+    return r
+
+
+@task(name="apply-retention", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
+def apply_retention(url: str, keep_daily: int, keep_weekly: int, config: str | None = None) -> PruneReport:
+    with open_repo(config, url) as repo:
+        r = core_prune(repo, keep_daily, keep_weekly)
+    log = get_run_logger()
+    log.info("%s: kept %d snapshot(s), deleted %d snapshot(s) and %d unreferenced object(s)", url, len(r.kept),
+             len(r.deleted_snapshots), r.deleted_objects)
+    if r.gc_skipped:
+        log.warning(r.gc_skipped)
+    return r

@@ -1,0 +1,104 @@
+"""Object storage layer: the same cases against file:// and a real S3 server (moto on 127.0.0.1)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import pytest
+
+from conveyor.errors import ConveyorError
+from conveyor.settings import S3Settings, TransferSettings
+from conveyor.storage import CorruptObject, MissingObject, TransientStorageError, open_store
+from backup_helpers import SECRET, make_repo, new_bucket
+
+SMALL_PARTS = TransferSettings(multipart_threshold_mb=5, multipart_chunksize_mb=5, max_concurrency=4)
+
+
+@pytest.fixture(params=["file", "s3"])
+def backend(request, s3_endpoint):
+    return request.param
+
+
+@pytest.fixture
+def repo(backend, tmp_path, s3_endpoint):
+    url, _, store = make_repo(backend, tmp_path, s3_endpoint, SMALL_PARTS)
+    yield store
+    store.close()
+
+
+def test_round_trip_list_head_delete(repo, tmp_path):
+    small = tmp_path / "small.bin"
+    small.write_bytes(os.urandom(1000))
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(11 << 20))  # over the 5 MB threshold: multipart with per-part SHA-256
+    sha_small = hashlib.sha256(small.read_bytes()).hexdigest()
+    sha_big = hashlib.sha256(big.read_bytes()).hexdigest()
+
+    repo.put_file(small, "a/small", sha_small)
+    repo.put_files([(big, "a/big", sha_big)])
+    repo.put_bytes("b/c.txt", b"hello")
+
+    assert sorted(o.key for o in repo.list()) == ["a/big", "a/small", "b/c.txt"]
+    assert {o.key: o.size for o in repo.list("a/")} == {"a/big": 11 << 20, "a/small": 1000}
+    assert repo.head("a/big").size == 11 << 20
+    assert repo.head("nope") is None and not repo.exists("nope") and repo.exists("b/c.txt")
+    assert repo.get_bytes("b/c.txt") == b"hello"
+
+    out = tmp_path / "out.bin"
+    repo.get_file("a/big", out, expected_sha256=sha_big)
+    assert out.read_bytes() == big.read_bytes()
+
+    assert repo.delete(["a/small", "missing-is-fine"]) == 2
+    assert sorted(o.key for o in repo.list()) == ["a/big", "b/c.txt"]
+
+
+def test_checksums_are_enforced_both_ways(repo, tmp_path):
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"x" * 5000)
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    # upload: the bytes must hash to the declared sha256, else nothing is stored
+    with pytest.raises(CorruptObject):
+        repo.put_file(f, "k", wrong)
+    assert not repo.exists("k")
+    # download: a mismatch is caught and no file is left behind
+    repo.put_file(f, "k")
+    out = tmp_path / "out.bin"
+    with pytest.raises(CorruptObject, match="k"):
+        repo.get_file("k", out, expected_sha256=wrong)
+    assert not out.exists() and not list(tmp_path.glob(".out.bin*"))
+    with pytest.raises(MissingObject):
+        repo.get_bytes("absent")
+
+
+def test_bad_urls_and_missing_bucket(s3_endpoint):
+    with pytest.raises(ConveyorError, match="unsupported storage URL"):
+        open_store("ftp://x/y")
+    with pytest.raises(ConveyorError, match="needs a bucket"):
+        open_store("s3://")
+    store = open_store("s3://no-such-bucket-conveyor/p", S3Settings(endpoint_url=s3_endpoint))
+    with pytest.raises(ConveyorError, match="bucket does not exist"):
+        store.put_bytes("k", b"1")
+
+
+def test_endpoint_from_standard_aws_environment(s3_endpoint, monkeypatch):
+    """No endpoint in settings: botocore's AWS_ENDPOINT_URL_S3 is honoured."""
+    bucket = new_bucket(s3_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    store = open_store(f"s3://{bucket}/x", S3Settings())
+    store.put_bytes("k", b"via env")
+    assert store.get_bytes("k") == b"via env"
+
+
+def test_unreachable_endpoint_is_transient_and_secret_free(monkeypatch, caplog):
+    from conveyor.prefect_server import free_port
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    caplog.set_level(logging.DEBUG)
+    s3 = S3Settings(endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id="AKIDCONVEYORTEST",
+                    secret_access_key=SECRET, session_token="tok-" + SECRET)
+    store = open_store("s3://bucket-x/p", s3)
+    with pytest.raises(TransientStorageError) as e:
+        store.put_bytes("k", b"1")
+    assert "cannot reach" in str(e.value)
+    assert SECRET not in str(e.value) and SECRET not in repr(s3) and SECRET not in caplog.text
