@@ -150,7 +150,10 @@ class V21Source:
             vp = self.video_path(ep, key)
             if not vp.exists():
                 raise BadEpisode(vp, f"missing camera file for {key}", ep)
-            n = probe(vp).frames
+            try:
+                n = probe(vp).frames
+            except ConveyorError as e:
+                raise BadEpisode(vp, e.problem, ep) from None
             if n != length:
                 raise BadEpisode(vp, f"length mismatch: {n} video frames but episodes.jsonl says {length}", ep)
             videos[key] = vp

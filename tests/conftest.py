@@ -38,7 +38,16 @@ def prefect_server(tmp_path_factory):
     server = start_prefect_server(home, port=free_port())
     saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
     os.environ.update(prefect_env(home, server.api_url, base={}))
+    import prefect.context
+
+    prefect.context.refresh_global_settings_context()  # prefect snapshots the environment at import
     yield server
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    # flush in-process log/event shippers while the server is still up (else they retry for ~70 s)
+    APILogWorker.drain_all(timeout=20)
+    EventsWorker.drain_all(timeout=20)
     server.stop()
     for k, v in saved.items():
         if v is None:

@@ -380,12 +380,13 @@ def test_bad_episode_named_and_quarantined_store_untouched(good, breaker):
     assert tree_hash(src) == src_before and tree_hash(store) == store_before
 
 
-def test_bad_episode_does_not_block_the_rest(good):
+@pytest.mark.parametrize("breaker", [_break_parquet, _truncate_mp4, _delete_camera, _wrong_length])
+def test_bad_episode_does_not_block_the_rest(good, breaker):
     src, store, w = good
-    _break_parquet(src, w)
+    path, _ = breaker(src, w)
     w.write_episode(3, 2, "a")
     r = ingest(src, store)
-    assert [q.source_episode_index for q in r.quarantined] == [2]
+    assert [q.source_episode_index for q in r.quarantined] == [2] and str(path) in r.quarantined[0].reason
     assert [m.source_episode_index for m in r.added] == [3]
 
 

@@ -1,0 +1,175 @@
+"""Benchmark for issue 3: episode finished -> committed (and fast-validated) latency of the `watch` flow.
+
+Not a test. Starts its own Prefect server (temp PREFECT_HOME, free port), runs the `watch` flow in this
+process (as `conveyor up`'s worker does, with the service's settings defaults unless overridden), and a
+simulated recorder (`conveyor.synth.RecordingWriter`) that writes N episodes one every --interval
+seconds, media first and the jsonl line last. For each episode it measures from the moment its last
+file landed (the recorder's `finish_episode` returned) to
+  * committed: the episode appears in the store's ledger (polled every 20 ms), and
+  * fast-validated: the end of the first `validate-fast` task run that ends after that commit
+    (end_time from the Prefect API).
+Prints median / p95 / max and writes the `## watch latency` section of bench/README.md.
+
+Usage: .venv/bin/python bench/watch_latency.py [--episodes 20] [--interval 4] [--length 90]
+       [--size 240x320] [--no-deep] [--settle S] [--no-readme]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+README = REPO / "bench" / "README.md"
+SECTION = "## watch latency"
+
+from conveyor.prefect_server import free_port, prefect_env, start_prefect_server  # noqa: E402
+
+
+def pctl(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def write_section(text: str) -> None:
+    """Replace only this benchmark's section of bench/README.md (other sections belong to other benchmarks)."""
+    body = README.read_text(encoding="utf-8") if README.exists() else "# bench\n"
+    lines = body.splitlines(keepends=True)
+    start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
+    if start is None:
+        new = body.rstrip("\n") + "\n\n" + text
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
+    README.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument("--interval", type=float, default=4.0, help="seconds between finished episodes")
+    p.add_argument("--length", type=int, default=90, help="frames per episode (30 fps)")
+    p.add_argument("--size", default="240x320", help="HEIGHTxWIDTH of both cameras")
+    p.add_argument("--no-deep", action="store_true", help="skip the deep (lerobot) check in the watcher's runs")
+    p.add_argument("--settle", type=float, default=None, help="override watch.settle_seconds")
+    p.add_argument("--no-readme", action="store_true")
+    a = p.parse_args(argv)
+
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SVT_LOG="1")
+    work = Path(tempfile.mkdtemp(prefix="watch-latency-"))
+    server = start_prefect_server(work / "prefect", port=free_port())
+    os.environ.update(prefect_env(work / "prefect", server.api_url, base={}))
+    try:
+        return run(a, work, server.api_url)
+    finally:
+        server.stop()
+
+
+def run(a, work: Path, api_url: str) -> int:
+    # imported after PREFECT_API_URL is set: Prefect snapshots its settings at import
+    from conveyor.settings import WatchSettings
+    from conveyor.store import Store
+    from conveyor.supervisor import api
+    from conveyor.synth import CameraSpec, RecordingSpec, RecordingWriter
+    from flows.watch import stop_watching, watch
+
+    defaults = WatchSettings()
+    settle = defaults.settle_seconds if a.settle is None else a.settle
+    cfg = work / "conveyor.toml"
+    cfg.write_text(f'store_root = "stores"\n[[sources]]\nname = "bench"\npath = "rec"\n'
+                   f'[watch]\nsettle_seconds = {settle}\ndebounce_seconds = {defaults.debounce_seconds}\n',
+                   encoding="utf-8")
+    h, w = (int(v) for v in a.size.lower().split("x"))
+    spec = RecordingSpec(fps=30, cameras=tuple(CameraSpec(k, h, w) for k in
+                                               ("observation.images.laptop", "observation.images.phone")))
+    writer = RecordingWriter(work / "rec", spec)
+    store = work / "stores" / "bench"
+
+    committed: dict[int, float] = {}
+    stop_poll = threading.Event()
+
+    def poll() -> None:
+        while not stop_poll.is_set():
+            if (store / ".conveyor").is_dir():
+                now = time.time()
+                for r in Store.open(store).ledger():
+                    committed.setdefault(r["source_episode_index"], now)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, kwargs={"config": str(cfg), "deep": not a.no_deep}, daemon=True)
+    watcher.start()
+    time.sleep(8.0)  # let the flow start and its first (empty) scan happen; imports are not what we measure
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+
+    finished: dict[int, float] = {}
+    for ep in range(a.episodes):
+        t_next = time.monotonic() + a.interval
+        writer.write_episode(ep, a.length, "pick the cube", finish=False)  # media (the slow part) first
+        writer.finish_episode(ep)                                          # then the jsonl lines
+        finished[ep] = time.time()
+        time.sleep(max(0.0, t_next - time.monotonic()))
+    deadline = time.monotonic() + 120
+    while len(committed) < a.episodes and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3.0 if a.no_deep else 15.0)  # let the last run validate
+    stop_watching()
+    watcher.join(120)
+    stop_poll.set()
+
+    status, tasks = api(api_url, "POST", "/task_runs/filter",
+                        {"task_runs": {"name": {"like_": "validate-fast"}}, "limit": 200})
+    ends = sorted(datetime.datetime.fromisoformat(t["end_time"].replace("Z", "+00:00")).timestamp()
+                  for t in tasks if t.get("end_time") and t["state"]["type"] == "COMPLETED")
+    lat_commit, lat_fast = [], []
+    for ep, t0 in finished.items():
+        if ep not in committed:
+            continue
+        lat_commit.append(committed[ep] - t0)
+        after = [e for e in ends if e >= committed[ep] - 0.05]
+        if after:
+            lat_fast.append(after[0] - t0)
+    missing = sorted(set(finished) - set(committed))
+
+    def row(label: str, v: list[float]) -> str:
+        if not v:
+            return f"| {label} | - | - | - | 0 |"
+        return f"| {label} | {statistics.median(v):.2f} | {pctl(v, 0.95):.2f} | {max(v):.2f} | {len(v)} |"
+
+    text = "\n".join([
+        SECTION, "",
+        "`python bench/watch_latency.py` runs the `watch` flow in-process (as the worker started by `conveyor up`",
+        "does) against its own Prefect server while a simulated recorder finishes one episode every "
+        f"{a.interval:g} s", f"({a.episodes} episodes, {a.length} frames at 30 fps, two {h}x{w} AV1 cameras, media "
+        "first, jsonl line last). Latency is from the recorder's last file landing to the episode in the store "
+        "(ledger, polled every 20 ms) and to the end of the `validate-fast` task that covered it.",
+        "",
+        f"Settings: settle {settle:g} s, debounce {defaults.debounce_seconds:g} s, deep validation "
+        f"{'off' if a.no_deep else 'on (a concurrent `validate-deep` task of the watch run, off the latency path)'}. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, shared; "
+        f"{datetime.date.today().isoformat()}.",
+        "",
+        "| latency (s) | median | p95 | max | episodes |",
+        "| --- | --- | --- | --- | --- |",
+        row("finished -> committed", lat_commit),
+        row("finished -> committed + fast-validated", lat_fast),
+        "",
+        (f"Not landed within the run: {missing}." if missing else "Every episode landed."),
+        "",
+    ])
+    print(text)
+    if not a.no_readme:
+        write_section(text)
+    return 0 if not missing else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

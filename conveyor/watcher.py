@@ -1,0 +1,209 @@
+"""Notice within seconds when recorded episodes become complete, and hand them to a callback.
+
+watchdog (inotify here) tells us *that* something changed in a source folder; the core completeness
+rules (`conveyor.source`: episodes.jsonl line + parquet + every camera mp4, consistent lengths) tell us
+*which* episodes are complete. On top of that an episode must have settled: none of its files was
+modified during the last `settle_seconds` (mtime-based, i.e. sizes stable that long), which covers
+copies (rsync, network mounts) that write the jsonl line before the media. Events are debounced, and a
+periodic full rescan catches events that never arrive (NFS/SMB mounts, missed inotify events).
+
+No Prefect here: `flows/watch.py` wraps this and runs the ingest flow from the callback.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from conveyor.errors import ConveyorError
+from conveyor.source import V21Source
+
+log = logging.getLogger("conveyor.watcher")
+
+ReadyCallback = Callable[[str, list[int]], None]
+ErrorCallback = Callable[[str, Exception], None]
+
+
+@dataclass
+class _SourceState:
+    name: str
+    path: Path
+    dirty_at: float | None = 0.0           # monotonic time of the last unhandled event; 0 = scan at start
+    next_rescan: float = 0.0
+    handled: set[int] = field(default_factory=set)
+    settle_at: dict[int, float] = field(default_factory=dict)  # episode -> wall time it will have settled
+    watched: bool = False
+    last_error: str | None = None
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: "EpisodeWatcher", name: str):
+        self.watcher, self.name = watcher, name
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):  # reads (ours included) are not changes
+            return
+        self.watcher.mark_dirty(self.name)
+
+
+class EpisodeWatcher:
+    """Calls `on_ready(source_name, episode_indices)` once per batch of newly complete, settled episodes.
+
+    Episodes the core rules call broken (line present, files missing or inconsistent) are handed over
+    too, once settled, so that ingest quarantines them with a reason instead of them waiting forever.
+    If `on_ready` raises, the batch is not marked handled and is offered again at the next rescan.
+    """
+
+    def __init__(self, sources: Mapping[str, str | Path], *, on_ready: ReadyCallback,
+                 settle_seconds: float = 1.0, debounce_seconds: float = 0.3, rescan_seconds: float = 60.0,
+                 on_error: ErrorCallback | None = None):
+        self.sources = {n: _SourceState(n, Path(p)) for n, p in sources.items()}
+        self.on_ready, self.on_error = on_ready, on_error
+        self.settle, self.debounce, self.rescan = settle_seconds, debounce_seconds, rescan_seconds
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._observer: Observer | None = None
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def mark_dirty(self, name: str) -> None:
+        with self._lock:
+            st = self.sources[name]
+            st.dirty_at = time.monotonic()
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start the filesystem observer (idempotent); folders that do not exist yet are retried later."""
+        if self._observer is None:
+            self._observer = Observer()
+            self._observer.daemon = True
+            self._observer.start()
+        for st in self.sources.values():
+            self._watch(st)
+
+    def _watch(self, st: _SourceState) -> None:
+        if st.watched or self._observer is None:
+            return
+        try:
+            self._observer.schedule(_Handler(self, st.name), str(st.path), recursive=True)
+            st.watched = True
+        except OSError as e:  # not there yet (or unwatchable mount): the rescan still covers it
+            log.debug("cannot watch %s yet: %s", st.path, e)
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+        self._wake.set()
+
+    # -- scanning -----------------------------------------------------------------------------------
+
+    def poll(self) -> float:
+        """Scan the sources that are due; return how many seconds until something is due again."""
+        now = time.monotonic()
+        for st in self.sources.values():
+            with self._lock:
+                debounced = st.dirty_at is not None and now - st.dirty_at >= self.debounce
+                rescan = now >= st.next_rescan
+                settling = any(t <= time.time() for t in st.settle_at.values())
+                if not (debounced or rescan or settling):
+                    continue
+                if debounced:
+                    st.dirty_at = None
+            if rescan:
+                st.next_rescan = now + self.rescan
+                self._watch(st)
+            self._scan(st)
+        return self._next_due()
+
+    def _next_due(self) -> float:
+        now, wall = time.monotonic(), time.time()
+        due = []
+        with self._lock:
+            for st in self.sources.values():
+                due.append(st.next_rescan - now)
+                if st.dirty_at is not None:
+                    due.append(st.dirty_at + self.debounce - now)
+                due.extend(t - wall for t in st.settle_at.values())
+        return max(0.0, min(due)) if due else self.rescan
+
+    def _scan(self, st: _SourceState) -> None:
+        try:
+            src = V21Source.open(st.path)
+            _, scan = src.scan(skip=st.handled)
+        except Exception as e:  # noqa: BLE001 - one unreadable file must not kill the watcher
+            msg = str(e) if isinstance(e, ConveyorError) else f"{type(e).__name__}: {e}"
+            if msg != st.last_error:  # a source that does not exist yet is reported once, not every scan
+                st.last_error = msg
+                self._report(st.name, e)
+            return
+        st.last_error = None
+        candidates = [ep for ep in scan.complete if ep not in st.handled] + \
+                     [ep for ep in scan.bad if ep not in st.handled]
+        wall = time.time()
+        ready = []
+        st.settle_at.clear()  # rebuilt below, so episodes that vanished stop waking us
+        for ep in sorted(set(candidates)):
+            newest = _newest_mtime(src.episode_files(ep))
+            if wall - newest >= self.settle:
+                ready.append(ep)
+                st.settle_at.pop(ep, None)
+            else:
+                st.settle_at[ep] = newest + self.settle
+        if not ready:
+            return
+        try:
+            self.on_ready(st.name, ready)
+        except Exception as e:  # noqa: BLE001 - reported, retried at the next rescan
+            self._report(st.name, e)
+            return
+        st.handled.update(ready)
+
+    def _report(self, name: str, e: Exception) -> None:
+        if self.on_error:
+            self.on_error(name, e)
+        else:
+            log.warning("source %s: %s", name, e)
+
+    # -- loop ---------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None, max_seconds: float | None = None,
+            on_tick: Callable[[], None] | None = None) -> None:
+        """Watch until `stop` is set or `max_seconds` passed; callbacks run in this thread.
+
+        `on_tick` runs at least once a second (the caller's housekeeping, e.g. starting deferred checks).
+        """
+        stop = stop or threading.Event()
+        end = None if max_seconds is None else time.monotonic() + max_seconds
+        self.start()
+        try:
+            while not stop.is_set():
+                wait = self.poll()
+                if on_tick:
+                    on_tick()
+                if end is not None:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    wait = min(wait, left)
+                self._wake.wait(min(wait, 1.0))  # wake at least every second to notice `stop`
+                self._wake.clear()
+        finally:
+            self.stop()
+
+
+def _newest_mtime(paths: list[Path]) -> float:
+    newest = 0.0
+    for p in paths:
+        try:
+            newest = max(newest, p.stat().st_mtime)
+        except OSError:  # missing file of a broken episode: judge by the files that exist
+            continue
+    return newest

@@ -1,0 +1,105 @@
+"""Prefect tasks around the core store: append, validate, record the version, trigger training.
+
+Each is a thin wrapper: the work is in `conveyor.*`; here are retries (transient I/O only), the
+one-writer-per-store global concurrency limit, artifacts and logging.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.concurrency.sync import concurrency
+from prefect.deployments import run_deployment
+
+from conveyor.errors import ConveyorError
+from conveyor.models import DatasetVersion, IngestReport, ValidationReport
+from conveyor.trigger import idempotency_key
+from tasks.artifacts import Progress, slug, version_record
+from tasks.retry import RETRY
+
+
+def store_limit(store_name: str) -> str:
+    """Name of the global concurrency limit (limit 1) that serialises writers of one store."""
+    return f"store-{store_name}"
+
+
+@task(name="append-episodes", **RETRY)
+def append_episodes(source_name: str, source_path: Path, store_path: Path, task_text: str | None = None,
+                    data_mb: int = 100, video_mb: int = 200) -> IngestReport:
+    """Append the source's complete new episodes to the store; bad episodes are quarantined by the core,
+    the rest still lands. Holds the store's Prefect concurrency slot, then the store's own file lock."""
+    from conveyor.ingest import ingest as core_ingest
+
+    log = get_run_logger()
+    progress = Progress(key=f"ingest-progress-{slug(source_name)}")
+    with concurrency(store_limit(source_name), occupy=1):
+        report = core_ingest(Path(source_path), Path(store_path), task=task_text, data_mb=data_mb,
+                             video_mb=video_mb, progress=progress)
+    log.info("%s: %d new episode(s), %d already in the store, %d quarantined, %d still recording -> commit %s "
+             "(%d episodes, %.2f s)", source_name, len(report.added), report.already, len(report.quarantined),
+             len(report.incomplete), report.version.commit, report.version.total_episodes, report.seconds)
+    for q in report.quarantined:
+        log.warning("quarantined source episode %d: %s", q.source_episode_index, q.reason)
+    return report
+
+
+@task(name="compact-store", **RETRY)
+def compact_store(store_name: str, store_path: Path):
+    """Merge small files into few large ones, as one atomic commit, under the store's writer slot."""
+    from conveyor.compact import compact
+
+    with concurrency(store_limit(store_name), occupy=1):
+        return compact(Path(store_path), progress=Progress(f"compact-progress-{slug(store_name)}"))
+
+
+def _check(report: ValidationReport, store_path: Path, kind: str) -> ValidationReport:
+    log = get_run_logger()
+    for c in report.checks:
+        (log.info if c.ok else log.error)("%s %s: %s %s", kind, c.name, "ok" if c.ok else "FAILED", c.detail)
+    if not report.ok:
+        detail = "; ".join(f"{c.name}: {c.detail}" for c in report.failures)
+        raise ConveyorError(store_path, f"{kind} validation failed: {detail}")
+    return report
+
+
+@task(name="validate-fast", **RETRY)
+def validate_fast_task(store_path: Path, against: Path | None = None,
+                       episodes: list[int] | None = None) -> ValidationReport:
+    """Cheap structural check of what was just committed (no lerobot import)."""
+    from conveyor.validate import validate_fast
+
+    return _check(validate_fast(Path(store_path), against=against, episodes=episodes),
+                  store_path, "fast")
+
+
+@task(name="validate-deep", **RETRY)
+def validate_deep_task(store_path: Path, against: Path | None = None,
+                       episodes: list[int] | None = None) -> ValidationReport:
+    """Load the new episodes through lerobot's own LeRobotDataset (decodes frames); slow, so its own task."""
+    from conveyor.validate import validate_deep
+
+    return _check(validate_deep(Path(store_path), against=against, episodes=episodes),
+                  store_path, "deep")
+
+
+@task(name="record-version")
+def record_version(store_name: str, store_path: Path, version: DatasetVersion) -> DatasetVersion:
+    """Publish the committed version (commit id, totals, content hash) as a keyed, versioned artifact."""
+    version_record(store_name, str(store_path), version)
+    get_run_logger().info("%s is at commit %d (%s): %d episodes, %d frames, content %s", store_name,
+                          version.commit, version.commit_id, version.total_episodes, version.total_frames,
+                          version.content_hash)
+    return version
+
+
+@task(name="trigger-training", **RETRY)
+def trigger_training(store_name: str, version: DatasetVersion, deployment: str,
+                     parameters: dict[str, Any]) -> str:
+    """Fire-and-forget the training deployment; the idempotency key (store + content hash) makes a retried
+    ingest return the existing run instead of creating a second one."""
+    key = idempotency_key(store_name, version)
+    run = run_deployment(deployment, parameters=parameters, timeout=0, idempotency_key=key)
+    get_run_logger().info("training run %s (%s) for %s at commit %d (key %s)", run.name, run.id, store_name,
+                          version.commit, key)
+    return str(run.id)
