@@ -30,13 +30,14 @@ import sys
 import time
 from pathlib import Path
 
+from readme_section import README, write_section  # bench/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 PYTHON = VENV_BIN / "python"
 CONVEYOR = VENV_BIN / "conveyor"
 TIME = "/usr/bin/time"  # GNU time, for peak RSS (see run_measured)
 SELF = Path(__file__).resolve()
-README = REPO / "bench" / "README.md"
 SECTION = "## convert"
 
 # Recording shapes. Bump CACHE_VERSION when any of these change so stale caches are regenerated.
@@ -475,19 +476,6 @@ def render(convs: list[dict], apps: list[dict], args: argparse.Namespace, total_
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace only the `## convert` section of bench/README.md (other sections belong to other benchmarks)."""
-    body = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n\n"
-    lines = body.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
-    if start is None:
-        new = body.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
-    README.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_lerobot-convert":
@@ -537,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a["valid"]:
             print(f"WARNING: conveyor validate failed for the {a['n']}-episode store: {a['validate_out']}")
     if not args.no_readme:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote the {SECTION!r} section of {README.relative_to(REPO)}")
     if not args.keep:
         shutil.rmtree(run, ignore_errors=True)

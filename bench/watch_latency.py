@@ -26,9 +26,10 @@ import threading
 import time
 from pathlib import Path
 
+from readme_section import README, write_section  # bench/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-README = REPO / "bench" / "README.md"
 SECTION = "## watch latency"
 
 from conveyor.prefect_server import free_port, prefect_env, start_prefect_server  # noqa: E402
@@ -37,19 +38,6 @@ from conveyor.prefect_server import free_port, prefect_env, start_prefect_server
 def pctl(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
-def write_section(text: str) -> None:
-    """Replace only this benchmark's section of bench/README.md (other sections belong to other benchmarks)."""
-    body = README.read_text(encoding="utf-8") if README.exists() else "# bench\n"
-    lines = body.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
-    if start is None:
-        new = body.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
-    README.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +155,7 @@ def run(a, work: Path, api_url: str) -> int:
     ])
     print(text)
     if not a.no_readme:
-        write_section(text)
+        write_section(SECTION, text)
     return 0 if not missing else 1
 
 

@@ -15,7 +15,7 @@ from conveyor.backup import prune as core_prune
 from conveyor.backup import verify as core_verify
 from conveyor.errors import ConveyorError, StoreLocked
 from conveyor.settings import load_settings
-from conveyor.storage import ObjectStore, TransientStorageError, open_store
+from conveyor.storage import ObjectStore, TransientStorageError
 from tasks.artifacts import Progress, slug
 from tasks.retry import _exception
 
@@ -55,13 +55,9 @@ def boto3_session_from_block(name: str) -> tuple[Any, str | None]:
 
 
 def open_repo(config: str | None, url: str) -> ObjectStore:
-    settings = load_settings(config)
-    session = None
-    if url.startswith("s3://") and settings.s3.aws_credentials_block:
-        session, endpoint = boto3_session_from_block(settings.s3.aws_credentials_block)
-        if endpoint and not settings.s3.endpoint_url:
-            settings.s3.endpoint_url = endpoint
-    return open_store(url, settings.s3, settings.transfer, session=session)
+    from conveyor.cli_backup import open_repo as open_with_settings  # the one place that applies blocks
+
+    return open_with_settings(load_settings(config), url)
 
 
 def _this_thread_only(cb):
