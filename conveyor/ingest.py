@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from conveyor import layout, stats as st
 from conveyor.errors import BadEpisode, ConveyorError
 from conveyor.models import EpisodeMapping, IngestReport, Quarantined
-from conveyor.source import SourceEpisode, V21Source
+from conveyor.source import SourceEpisode, V21Source, check_video_length
 from conveyor.store import Commit, Store, is_store
 from conveyor.tables import (column_array, data_schema, episodes_schema, read_tasks, stats_columns,
                              tasks_table)
@@ -96,6 +96,7 @@ class Prepared:
     stats: dict
     tasks: list[str]
     video_pts: dict[str, tuple[int, ...]]
+    video_starts: dict[str, tuple[int, int]]
     content_hash: str
     fingerprint: dict
 
@@ -107,6 +108,7 @@ class Loaded:
     table: pa.Table
     video_stats: dict
     video_pts: dict[str, tuple[int, ...]]
+    video_starts: dict[str, tuple[int, int]]  # first pts, first dts: lets concat skip a demux pass
     content_hash: str
     fingerprint: dict
 
@@ -116,16 +118,18 @@ def load_episode(src: V21Source, ep: SourceEpisode) -> Loaded:
         table = pq.ParquetFile(ep.parquet).read()  # not pq.read_table: that imports pandas (0.4 s)
     except Exception as e:
         raise BadEpisode(ep.parquet, f"corrupt parquet: {e}", ep.index) from None
-    video_stats, video_pts = {}, {}
+    video_stats, video_pts, video_starts = {}, {}, {}
     for key, path in ep.videos.items():
         try:
             pr, frames = probe(path, sample=st.CAMERA_SAMPLES)
         except ConveyorError as e:
             raise BadEpisode(path, e.problem, ep.index) from None
+        check_video_length(path, pr.frames, ep.length, ep.index)  # scan left this to the one demux pass
         video_pts[key] = pr.pts
+        video_starts[key] = (pr.pts[0], pr.first_dts)
         video_stats[key] = st.image_stats(frames)
     files = src.episode_files(ep.index)
-    return Loaded(table, video_stats, video_pts, _content_hash(files), _file_fingerprint(files))
+    return Loaded(table, video_stats, video_pts, video_starts, _content_hash(files), _file_fingerprint(files))
 
 
 def prepare_episode(src: V21Source, ep: SourceEpisode, loaded: Loaded, episode_index: int, first_frame: int,
@@ -182,7 +186,8 @@ def prepare_episode(src: V21Source, ep: SourceEpisode, loaded: Loaded, episode_i
             ep_stats[key] = st.numeric_stats(column_array(out, key))
     ep_stats |= loaded.video_stats
     tasks = sorted({task_list[i] for i in remap.values()}, key=task_list.index)
-    return Prepared(ep, out, n, ep_stats, tasks, loaded.video_pts, loaded.content_hash, loaded.fingerprint)
+    return Prepared(ep, out, n, ep_stats, tasks, loaded.video_pts, loaded.video_starts, loaded.content_hash,
+                    loaded.fingerprint)
 
 
 # -- batches -------------------------------------------------------------------------------------------
@@ -233,7 +238,7 @@ def _write_videos(commit: Commit, store: Store, batch: list[Prepared], key: str,
     out = []
     for g in groups:
         rel = layout.video_path(key, linear)
-        spans = concat([p.src.videos[key] for p in g], commit.path(rel))
+        spans = concat([p.src.videos[key] for p in g], commit.path(rel), [p.video_starts[key] for p in g])
         commit.staged(rel)
         out += [(linear, a, b) for a, b in spans]
         linear += 1
@@ -320,7 +325,7 @@ def _ingest_locked(src: V21Source, s: Store, task, data_mb, video_mb, progress, 
             report.changed.append(Quarantined(source=source_key, source_episode_index=ep_idx,
                                               reason=f"content changed after it was ingested as store "
                                                      f"episode {r['episode_index']}"))
-    ready, scan = src.scan(skip=set(mine))
+    ready, scan = src.scan(skip=set(mine), probe_videos=False)
     report.incomplete = scan.incomplete
     for ep_idx, reason in sorted(scan.bad.items()):
         report.quarantined.append(Quarantined(source=source_key, source_episode_index=ep_idx, reason=reason))

@@ -129,11 +129,12 @@ class V21Source:
 
     # -- completeness ---------------------------------------------------------------------------------
 
-    def check_episode(self, ep: int, record: dict) -> SourceEpisode | None:
-        """The episode if complete and consistent, None if still being written; BadEpisode if broken.
+    def check_episode(self, ep: int, record: dict, probe_videos: bool = True) -> SourceEpisode:
+        """The episode if complete and consistent; BadEpisode if broken.
 
         A missing file while the jsonl line exists means the episode is broken (the recorder writes
-        the line last), so it is reported rather than waited for.
+        the line last), so it is reported rather than waited for. `probe_videos=False` leaves the
+        frame-count check to a caller that demuxes the videos anyway (ingest).
         """
         length = int(record.get("length", -1))
         pq_path = self.parquet_path(ep)
@@ -150,17 +151,17 @@ class V21Source:
             vp = self.video_path(ep, key)
             if not vp.exists():
                 raise BadEpisode(vp, f"missing camera file for {key}", ep)
-            try:
-                n = probe(vp).frames
-            except ConveyorError as e:
-                raise BadEpisode(vp, e.problem, ep) from None
-            if n != length:
-                raise BadEpisode(vp, f"length mismatch: {n} video frames but episodes.jsonl says {length}", ep)
+            if probe_videos:
+                try:
+                    check_video_length(vp, probe(vp).frames, length, ep)
+                except ConveyorError as e:
+                    raise BadEpisode(vp, e.problem, ep) from None
             videos[key] = vp
         tasks = [str(t) for t in record.get("tasks") or []]
         return SourceEpisode(ep, length, tasks, pq_path, videos)
 
-    def scan(self, skip: set[int] | frozenset[int] = frozenset()) -> tuple[list[SourceEpisode], SourceScan]:
+    def scan(self, skip: set[int] | frozenset[int] = frozenset(), probe_videos: bool = True
+             ) -> tuple[list[SourceEpisode], SourceScan]:
         """Complete episodes in episode_index order, plus which ones are incomplete or broken.
 
         `skip` lists episodes already handled (in the store), which are not re-probed.
@@ -173,7 +174,7 @@ class V21Source:
                 result.complete.append(ep)
                 continue
             try:
-                se = self.check_episode(ep, records[ep])
+                se = self.check_episode(ep, records[ep], probe_videos)
             except BadEpisode as e:
                 result.bad[ep] = str(e)
                 continue
@@ -191,6 +192,11 @@ class V21Source:
                     result.incomplete.append(ep)
         result.incomplete.sort()
         return ready, result
+
+
+def check_video_length(path: Path, frames: int, length: int, ep: int) -> None:
+    if frames != length:
+        raise BadEpisode(path, f"length mismatch: {frames} video frames but episodes.jsonl says {length}", ep)
 
 
 def scan_source(path: str | Path) -> SourceScan:

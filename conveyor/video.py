@@ -32,6 +32,7 @@ class VideoProbe:
     height: int
     frame_ticks: int  # duration of one frame in time_base units
     keyframes: frozenset[int] = frozenset()  # pts of packets flagged as keyframes
+    first_dts: int = 0  # lowest decode timestamp (below the first pts when B-frames are present)
 
     def times(self) -> list[float]:
         return [float(p * self.time_base) for p in self.pts]
@@ -56,6 +57,7 @@ def probe(path: str | Path, sample: int = 0) -> VideoProbe | tuple[VideoProbe, l
             raise ConveyorError(path, "no video stream")
         s = c.streams.video[0]
         pts: list[int] = []
+        dts: list[int] = []
         durations: list[int] = []
         keyframes: dict[int, av.Packet | None] = {}  # packets kept only when sampling (one episode's file)
         try:
@@ -63,6 +65,7 @@ def probe(path: str | Path, sample: int = 0) -> VideoProbe | tuple[VideoProbe, l
                 if pk.size == 0 or pk.pts is None:
                     continue
                 pts.append(pk.pts)
+                dts.append(pk.dts if pk.dts is not None else pk.pts)
                 durations.append(pk.duration or 0)
                 if pk.is_keyframe:
                     keyframes[pk.pts] = pk if sample else None
@@ -77,7 +80,7 @@ def probe(path: str | Path, sample: int = 0) -> VideoProbe | tuple[VideoProbe, l
         else:
             ticks = max(durations) or 1
         pr = VideoProbe(len(pts), tuple(sorted(pts)), tb, s.codec_context.name, s.codec_context.width,
-                        s.codec_context.height, ticks, frozenset(keyframes))
+                        s.codec_context.height, ticks, frozenset(keyframes), min(dts))
         if not sample:
             return pr
         ctx = s.codec_context
@@ -107,8 +110,11 @@ def pick_keyframes(seg_pts: tuple[int, ...] | list[int], keyframes: frozenset[in
     return out
 
 
-def concat(inputs: list[Path], out: Path) -> list[tuple[float, float]]:
+def concat(inputs: list[Path], out: Path, starts: list[tuple[int, int]] | None = None
+           ) -> list[tuple[float, float]]:
     """Stream-copy `inputs` back to back into `out`; return each input's (from, to) seconds in `out`.
+
+    `starts` gives each input's (first pts, first dts) when the caller has probed it already.
 
     Each input is shifted so its first presented frame lands right after the previous input's last
     frame. The returned spans are read back from `out`'s own packets, so they are exactly what a
@@ -122,7 +128,7 @@ def concat(inputs: list[Path], out: Path) -> list[tuple[float, float]]:
             cursor = 0  # next free presentation tick in the first input's time base
             last_dts = -1
             base_tb: Fraction | None = None
-            for path in inputs:
+            for i, path in enumerate(inputs):
                 with _open(path) as ic:
                     s = ic.streams.video[0]
                     if ostream is None:
@@ -131,16 +137,13 @@ def concat(inputs: list[Path], out: Path) -> list[tuple[float, float]]:
                     tb = Fraction(s.time_base.numerator, s.time_base.denominator)
                     if tb != base_tb:
                         raise ConveyorError(path, f"time base {tb} differs from {base_tb} of {inputs[0]}")
-                    # first pass finds where the input starts; the second streams its packets (holding
-                    # a whole input's packets in memory costs ~70 MB per camera on a 90 MB file)
-                    p0 = d0 = None
-                    for pk in ic.demux(s):
-                        if pk.size and pk.pts is not None:
-                            p0 = pk.pts if p0 is None else min(p0, pk.pts)
-                            dts = pk.dts if pk.dts is not None else pk.pts
-                            d0 = dts if d0 is None else min(d0, dts)
-                    if p0 is None:
-                        raise ConveyorError(path, "video has no frames (truncated?)")
+                    # where the input starts (first pts, first dts): from the caller's probe, else a
+                    # demux pass; packets are then streamed (holding them costs ~70 MB per 90 MB file)
+                    if starts is not None:
+                        p0, d0 = starts[i]
+                    else:
+                        pr = probe(path)
+                        p0, d0 = pr.pts[0], pr.first_dts
                     # B-frames decode before they show (dts < pts): start late enough that DTS stays
                     # non-negative and strictly increasing across the join (lerobot's concat fails here)
                     cursor = max(cursor, last_dts + 1 + p0 - d0)
@@ -149,8 +152,6 @@ def concat(inputs: list[Path], out: Path) -> list[tuple[float, float]]:
                     shift = cursor - p0
                     last = cursor
                     count = 0
-                with _open(path) as ic:  # reopened rather than seeked: exact start for any container
-                    s = ic.streams.video[0]
                     for pk in ic.demux(s):
                         if not pk.size or pk.pts is None:
                             continue
