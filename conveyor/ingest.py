@@ -381,7 +381,9 @@ def _ingest_locked(src: V21Source, s: Store, task, data_mb, video_mb, progress, 
         if progress:
             progress(len(ready), len(ready), "writing videos")
         video_keys = [k for k, f in features.items() if f["dtype"] == "video"]
-        video_files = {k: _write_videos(commit, s, batch, k, video_mb) for k in video_keys}
+        with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:  # cameras are independent files
+            futures = {k: pool.submit(_write_videos, commit, s, batch, k, video_mb) for k in video_keys}
+            video_files = {k: f.result() for k, f in futures.items()}
         meta_linear = s.next_linear("meta")
         rows = _episode_rows(batch, episode_start, frame_start, data_files, video_files, features, video_keys,
                              meta_linear)
