@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from conveyor.settings import load_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +34,8 @@ def _port(text: str) -> int:
 
 
 def _config_show(args: argparse.Namespace) -> int:
+    from conveyor.settings import load_settings  # lazily: pydantic-settings costs every command 50 ms
+
     s = load_settings(args.config)
     print(f"# config file: {s.config_path or '(none: defaults + CONVEYOR_* environment)'}")
     print(json.dumps(s.masked(), indent=2, ensure_ascii=False))
@@ -42,6 +43,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from conveyor.settings import load_settings
     from conveyor.supervisor import Supervisor
 
     settings = load_settings(args.up_config or args.config)
