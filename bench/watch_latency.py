@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(a, work, server.api_url)
     finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=20)  # ship queued logs before the server goes away
+        EventsWorker.drain_all(timeout=20)
         server.stop()
 
 
