@@ -146,6 +146,9 @@ class Store:
                 self._recover_locked()
         except StoreLocked:
             pass
+        except OSError as e:  # a read-only mount (a reader, e.g. a training worker) cannot and need not recover
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
 
     def _recover_locked(self) -> None:
         head = self.head_commit()
