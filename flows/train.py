@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_client
 from prefect.runtime import flow_run
 
+from conveyor.errors import ConveyorError
 from conveyor.training.request import TrainRequest
 from tasks.train import evaluate_task, preflight_task, run_task
 
@@ -28,9 +29,27 @@ def train(request: TrainRequest, config: str | None = None) -> dict[str, Any]:
     config: conveyor.toml on the worker (default: $CONVEYOR_CONFIG or ./conveyor.toml).
     """
     run_name = request.run_name or default_run_name(request, flow_run.get_id())
-    plan = preflight_task(request, run_name, config)
+    try:
+        plan = preflight_task(request, run_name, config)
+    except ConveyorError:
+        _refusal_is_final()
+        raise
     result = run_task(plan, config)
     return result.model_dump(mode="json")
+
+
+def _refusal_is_final() -> None:
+    """A preflight refusal will not pass on retry: drop this run's remaining retries before failing.
+
+    Prefect 3 flows have no retry condition and the server's retry rule reads the run's policy, so
+    the policy itself is updated.
+    """
+    run_id = flow_run.get_id()
+    if not run_id:
+        return
+    with get_client(sync_client=True) as client:
+        policy = client.read_flow_run(run_id).empirical_policy
+        client.update_flow_run(run_id, empirical_policy=policy.model_copy(update={"retries": 0}))
 
 
 @flow(name="evaluate")

@@ -362,3 +362,12 @@ def test_deployment_parameter_schema_is_the_request_form(prefect_server):
     assert form["device"]["enum"] == ["cuda", "cpu"]
     assert form["steps"]["default"] == 20000 and form["steps"]["minimum"] == 1
     assert form["archive"]["default"] is True
+
+
+def test_refused_request_fails_once_without_retries(env, prefect_server):
+    """A preflight refusal is final: the flow's retries (meant for resuming) are not spent on it."""
+    request = smolvla(env, run_name="refused-once", options={**TINY_SMOLVLA, "dataset.single_task": "x"})
+    with pytest.raises(ConveyorError, match="not a lerobot-train option in 0.4.4"):
+        run_flow(env, request, retries=2)
+    runs = [r for r in flow_runs(prefect_server, "train") if r["parameters"]["request"]["run_name"] == "refused-once"]
+    assert [(r["state_type"], r["run_count"]) for r in runs] == [("FAILED", 1)]
