@@ -118,3 +118,20 @@ def test_config_show_masks_secrets_and_errors_are_one_line(tmp_path):
     p = _conveyor("--config", str(cfg), "config", "show", env=env)
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.strip().count("\n") == 0 and "`watch.settle_seconds`" in p.stderr and str(cfg) in p.stderr
+
+
+def test_up_gives_flows_the_paths_resolved_where_it_was_started(tmp_path, monkeypatch):
+    """Worker-run flows start in the checkout; without a config file they must still see the store_root,
+    work_dir and storage_url that `conveyor up` resolved in the folder it was started from."""
+    from conveyor.supervisor import PROJECT_DIR, Supervisor
+
+    monkeypatch.chdir(tmp_path)  # no conveyor.toml here: defaults resolve against this folder
+    monkeypatch.delenv("CONVEYOR_CONFIG", raising=False)
+    settings = load_settings()
+    env = Supervisor(settings)._child_env()
+    shown = subprocess.run([sys.executable, "-m", "conveyor.cli", "config", "show"], cwd=PROJECT_DIR, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    seen = json.loads(shown.split("\n", 1)[1])
+    assert seen["store_root"] == str(tmp_path / "data" / "stores")
+    assert seen["work_dir"] == str(tmp_path / "data" / "work")
+    assert seen["storage_url"] == f"file://{tmp_path / 'data' / 'objects'}"
