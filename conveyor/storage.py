@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.errors import ConveyorError
+from conveyor.store import sha256_file as hash_file  # one implementation of a file's sha256
 from conveyor.settings import S3Settings, TransferSettings
 
 CHUNK = 1 << 20
@@ -63,11 +63,6 @@ class ObjectInfo:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def hash_file(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _check_key(key: str) -> str:

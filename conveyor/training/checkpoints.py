@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.errors import ConveyorError
-from conveyor.training.objects import ObjectStore, hash_file
+from conveyor.storage import ObjectStore, hash_file
 
 MANIFEST = "manifest.json"
 REQUIRED = ("pretrained_model/config.json", "pretrained_model/model.safetensors",

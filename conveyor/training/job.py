@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from conveyor.errors import ConveyorError
 from conveyor.training import checkpoints as ck
 from conveyor.training.lossplot import plot_loss
-from conveyor.training.objects import ObjectStore, open_objects
+from conveyor.storage import ObjectStore, open_store
 from conveyor.training.preflight import TrainPlan
 from conveyor.training.runner import StepMetrics, lerobot_command, run_lerobot_train
 
@@ -179,7 +179,8 @@ def run_attempt(plan: TrainPlan, settings=None, *, log: Log = print, on_line: Lo
     """One attempt of the run described by `plan`; raises ConveyorError when lerobot-train fails."""
     req = plan.request
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    objects = open_objects(plan.archive_url, settings) if plan.archive_url else None
+    objects = (open_store(plan.archive_url, getattr(settings, "s3", None), getattr(settings, "transfer", None))
+               if plan.archive_url else None)
     ckpt, from_archive = start_point(plan, objects, log)
     result = TrainResult(run_name=plan.run_name, output_dir=str(plan.output_dir), requested_steps=req.steps,
                          final_step=ckpt.step if ckpt else 0, started_from=ckpt.step if ckpt else 0,
