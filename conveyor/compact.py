@@ -136,7 +136,8 @@ def _compact_videos(commit: Commit, s: Store, rows: list[dict], key: str, target
     linear = s.next_linear(f"videos/{key}")
     for b in bins:
         rel = layout.video_path(key, linear)
-        members = [r for r in rows if rel_of(r) in set(b)]
+        in_bin = set(b)
+        members = [r for r in rows if rel_of(r) in in_bin]
         concat([s.root / f for f in b], commit.path(rel))
         commit.staged(rel)
         # each episode's span comes from the new file's own packets, counted frame by frame

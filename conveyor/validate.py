@@ -7,6 +7,7 @@ values for sampled items of every checked episode.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
@@ -18,11 +19,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from conveyor import layout, stats as st
-from conveyor.errors import ConveyorError
 from conveyor.models import ValidationReport
 from conveyor.source import V21Source
 from conveyor.store import Store
-from conveyor.tables import column_array, stats_from_row
+from conveyor.tables import column_array, read_tasks, stats_from_row
 from conveyor.video import VideoProbe, decode_frames, probe, sample_keyframes
 
 RENUMBERED = ("episode_index", "index", "task_index")
@@ -54,12 +54,9 @@ class _Checker:
         self.video_keys = [k for k, f in self.features.items() if f["dtype"] == "video"]
         self.src = V21Source.open(against) if against else None
         self._probes: dict[str, VideoProbe] = {}
+        self._times: dict[str, list[float]] = {}
         self._tables: dict[str, pa.Table] = {}
-        self.tasks = self._tasks()
-
-    def _tasks(self) -> list[str]:
-        from conveyor.tables import read_tasks
-        return read_tasks(self.root / layout.TASKS)
+        self.tasks = read_tasks(self.root / layout.TASKS)
 
     def probe(self, rel: str) -> VideoProbe:
         if rel not in self._probes:
@@ -81,9 +78,14 @@ class _Checker:
                                         file_index=row[f"videos/{key}/file_index"])
 
     def segment(self, row: dict, key: str) -> tuple[int, ...]:
-        pr = self.probe(self.video_rel(row, key))
+        """The episode's packets: pts whose time lies in [from, to) (bisected: files hold many episodes)."""
+        rel = self.video_rel(row, key)
+        pr = self.probe(rel)
+        if rel not in self._times:
+            self._times[rel] = [float(p * pr.time_base) for p in pr.pts]
+        times = self._times[rel]
         a, b = row[f"videos/{key}/from_timestamp"], row[f"videos/{key}/to_timestamp"]
-        return tuple(p for p in pr.pts if a - 1e-6 <= float(p * pr.time_base) < b - 1e-6)
+        return pr.pts[bisect.bisect_left(times, a - 1e-6):bisect.bisect_left(times, b - 1e-6)]
 
     # -- per-episode checks -------------------------------------------------------------------------
 
