@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
+from conveyor.cli_store import progress_bar
 from conveyor.errors import ConveyorError
 
 VERBS = ("verify", "prune")
@@ -88,23 +88,6 @@ def resolve_target(settings, spec: str) -> tuple[Path, str]:
     raise ConveyorError(spec, "not a folder, nor the name of a store under store_root or a configured source")
 
 
-@contextmanager
-def _progress():
-    """A rich progress bar on a TTY; nothing otherwise."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task("starting", total=None)
-
-        def cb(done: int, total: int, desc: str):
-            bar.update(task, completed=done, total=total, description=desc)
-        yield cb
-
-
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
@@ -121,7 +104,7 @@ def _backup(args) -> int:
 
     folder, name = resolve_target(settings, args.target)
     url = args.to or settings.storage_url
-    with open_repo(settings, url) as repo, _progress() as cb:
+    with open_repo(settings, url) as repo, progress_bar("transferring", transfer=True) as cb:
         r = backup(folder, repo, name=args.name or name, index_dir=settings.work_dir / "backup-index",
                    progress=cb, concurrency=settings.transfer.max_concurrency)
     version = f" (dataset {r.version.short}, {r.version.total_episodes} episodes)" if r.version else ""
@@ -199,7 +182,7 @@ def _restore(args) -> int:
 
     settings = _settings(args)
     url, ref = split_ref(args.url)
-    with open_repo(settings, url) as repo, _progress() as cb:
+    with open_repo(settings, url) as repo, progress_bar("transferring", transfer=True) as cb:
         r = restore(repo, ref, args.dst, force=args.force, progress=cb,
                     concurrency=settings.transfer.max_concurrency)
     print(f"restored {url}@{r.snapshot} into {r.dst}: {r.files} files, {_mb(r.bytes)}, every sha256 checked; "

@@ -10,15 +10,21 @@ from conveyor.models import IngestReport, ValidationReport
 
 
 @contextmanager
-def progress_bar(description: str):
-    """A rich progress bar on a terminal, nothing otherwise; yields a `progress(done, total, what)` callback."""
+def progress_bar(description: str, transfer: bool = False):
+    """A rich progress bar on a terminal, nothing otherwise; yields a `progress(done, total, what)` callback.
+
+    `transfer=True` counts bytes (size, speed, time left) instead of items.
+    """
     if not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[what]}"), transient=True) as bar:
+    counts = ((DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()) if transfer
+              else (MofNCompleteColumn(), TimeElapsedColumn()))
+    with Progress(TextColumn("{task.description}"), BarColumn(), *counts, TextColumn("{task.fields[what]}"),
+                  transient=True) as bar:
         task = bar.add_task(description, total=None, what="")
 
         def update(done: int, total: int, what: str) -> None:
