@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from readme_section import README, write_section  # bench/ is on sys.path when run as a script
+from readme_section import write_section  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

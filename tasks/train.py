@@ -90,7 +90,7 @@ def run_task(plan: TrainPlan, config: str | None = None) -> TrainResult:
 
 def _summary(plan: TrainPlan, r: TrainResult) -> None:
     state = "already finished" if r.already_finished else f"trained steps {r.started_from}->{r.final_step}"
-    where = f" (downloaded from the archive)" if r.started_from_archive else ""
+    where = " (downloaded from the archive)" if r.started_from_archive else ""
     lines = [f"# Run `{r.run_name}`: {state}{where}", "", f"- output: `{r.output_dir}`"]
     if r.loss_plot:
         lines.append(f"- loss curve: [{r.loss_plot}](file://{r.loss_plot})")

@@ -5,7 +5,6 @@ Both are started lazily, once per test session, on free 127.0.0.1 ports, and sto
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pytest

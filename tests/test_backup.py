@@ -2,7 +2,6 @@
 server (moto on 127.0.0.1) through the same cases."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -12,7 +11,6 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import boto3
 import pytest
 
 from backup_helpers import (SECRET, TcpProxy, make_repo, moto_port, new_bucket, random_folder, raw_object, tree)
@@ -21,7 +19,7 @@ from conveyor.cli import main as cli
 from conveyor.errors import ConveyorError
 from conveyor.ingest import convert, ingest
 from conveyor.settings import S3Settings
-from conveyor.storage import open_store
+from conveyor.storage import CorruptObject, open_store
 from conveyor.store import Store
 from conveyor.synth import RecordingSpec, RecordingWriter, write_recording
 
@@ -150,7 +148,7 @@ def test_verify_full_catches_a_corrupted_object(repo, tmp_path, backend, s3_endp
     assert cli(["--config", str(cfg), "backup", "verify", f"{url}@{snap}", "--full"]) == 1
     err = capsys.readouterr().err
     assert blob in err and pack in err
-    with pytest.raises(CorruptObject_ := __import__("conveyor.storage", fromlist=["x"]).CorruptObject):
+    with pytest.raises(CorruptObject):
         B.restore(store, snap, tmp_path / "r")
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from conveyor import stats as st
 from conveyor.compact import compact
-from conveyor.errors import ConveyorError, StoreLocked
+from conveyor.errors import StoreLocked
 from conveyor.ingest import convert, ingest
 from conveyor.store import CRASH_ENV, Store
 from conveyor.synth import CameraSpec, RecordingSpec, RecordingWriter, write_recording

@@ -112,19 +112,16 @@ def _version_matches(v: DatasetVersion, pin: str) -> bool:
 
 
 def _fast_validation(root: Path) -> str | None:
-    """First failure of the store's fast validation (conveyor.validate when present), else None."""
-    try:
-        from conveyor.validate import validate_fast
-    except ImportError:
-        validate_fast = None
-    if validate_fast is not None:
-        from conveyor.store import Store, is_store
-        if is_store(root):
-            report = validate_fast(root)
-            if not report.ok:
-                f = report.failures[0]
-                return f"{f.name}: {f.detail}" if f.detail else f.name
-            return None
+    """First failure of the store's fast validation (a plain v3.0 folder gets basic checks), else None."""
+    from conveyor.store import is_store
+    from conveyor.validate import validate_fast
+
+    if is_store(root):
+        report = validate_fast(root)
+        if not report.ok:
+            f = report.failures[0]
+            return f"{f.name}: {f.detail}" if f.detail else f.name
+        return None
     info = root / "meta" / "info.json"
     try:
         meta = json.loads(info.read_text())
