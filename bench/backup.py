@@ -68,7 +68,7 @@ def make_store_like(root: Path) -> Path:
 
 
 def make_recording(root: Path) -> Path:
-    from conveyor.synth import CameraSpec, RecordingSpec, write_recording
+    from conveyor.synthetic.recording import CameraSpec, RecordingSpec, write_recording
     spec = RecordingSpec(cameras=(CameraSpec("observation.images.laptop", codec="h264"),
                                   CameraSpec("observation.images.phone", codec="h264")))
     return write_recording(root, episodes=200, lengths=20, spec=spec)

@@ -119,7 +119,7 @@ def fresh(path: Path) -> Path:
 # ----------------------------------------------------------------------------- cached recordings
 
 def _spec():
-    from conveyor.synth import KOCH_480P
+    from conveyor.synthetic.recording import KOCH_480P
     return KOCH_480P
 
 
@@ -141,10 +141,10 @@ def _mark(path: Path, params: dict) -> None:
 def extra_noise(amplitude: int):
     """Generate with synth's frames plus deterministic uniform noise, for a camera-like bitrate.
 
-    Wraps `conveyor.synth.frame_pixels` for the duration (bench-only; synth has no bitrate knob)."""
+    Wraps `conveyor.synthetic.recording.frame_pixels` for the duration (bench-only; synth has no bitrate knob)."""
     import numpy as np
 
-    import conveyor.synth as synth
+    import conveyor.synthetic.recording as synth
 
     base = synth.frame_pixels
 
@@ -166,7 +166,7 @@ def extra_noise(amplitude: int):
 def ensure_recordings(work: Path) -> dict[str, Path]:
     """The 40-episode conversion inputs (synth as is, and camera-like bitrate) and the 20-/200-episode append
     bases, generated once."""
-    from conveyor.synth import RecordingWriter
+    from conveyor.synthetic.recording import RecordingWriter
 
     rec = work / "recordings"
     rec.mkdir(parents=True, exist_ok=True)
@@ -328,7 +328,7 @@ def bench_convert(recording: Path, label: str, run: Path, work: Path, reps: int)
 
 
 def bench_append(base: Path, n: int, run: Path, work: Path, reps: int, lerobot: bool) -> dict:
-    from conveyor.synth import RecordingWriter
+    from conveyor.synthetic.recording import RecordingWriter
 
     d = run / f"append{n}"
     src = copy_recording(base, d / "src")
@@ -430,7 +430,7 @@ def render(convs: list[dict], apps: list[dict], args: argparse.Namespace, total_
             lines.append(f"- {conv['label']}: speed-up **{speed:.1f}×** (target ≥ 3×: {verdict(speed >= 3)}); conveyor "
                          f"peak RSS **{med(c, 'rss_mb'):.0f} MB** (target < 300 MB: {verdict(med(c, 'rss_mb') < 300)}), "
                          f"lerobot {med(l, 'rss_mb'):.0f} MB.")
-        lines += [f"- Inputs: `synth` is `conveyor.synth` as is (~1.3 KB per AV1 frame and camera); `camera-like "
+        lines += [f"- Inputs: `synth` is `conveyor.synthetic.recording` as is (~1.3 KB per AV1 frame and camera); `camera-like "
                   f"bitrate` adds ±{CAMERA_LIKE_NOISE} uniform pixel noise to the same frames (~19 KB per frame and "
                   f"camera, the size of the reference baseline: 161 MB for 4,417 frames).", ""]
     if apps:

@@ -32,11 +32,11 @@ def main() -> None:
 
     from conveyor.ingest import convert
     from conveyor.settings import Settings
-    from conveyor.synth import CameraSpec, RecordingSpec, write_recording
-    from conveyor.training.job import run_attempt
+    from conveyor.synthetic.recording import CameraSpec, RecordingSpec, write_recording
+    from conveyor.training.attempt import run_attempt
     from conveyor.training.preflight import preflight
     from conveyor.training.request import TrainRequest
-    from conveyor.training.runner import lerobot_command
+    from conveyor.training.lerobot_train import lerobot_command
     from tiny_smolvlm import build_tiny_smolvlm
 
     work = Path(tempfile.mkdtemp(prefix="conveyor-train-bench-"))

@@ -2,7 +2,7 @@
 
 Not a test. Starts its own Prefect server (temp PREFECT_HOME, free port), runs the `watch` flow in this
 process (as `conveyor up`'s worker does, with the service's settings defaults unless overridden), and a
-simulated recorder (`conveyor.synth.RecordingWriter`) that writes N episodes one every --interval
+simulated recorder (`conveyor.synthetic.recording.RecordingWriter`) that writes N episodes one every --interval
 seconds, media first and the jsonl line last. For each episode it measures from the moment its last
 file landed (the recorder's `finish_episode` returned) to
   * committed: the episode appears in the store's ledger (polled every 20 ms), and
@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SECTION = "## watch latency"
 
-from conveyor.prefect_server import free_port, prefect_env, start_prefect_server  # noqa: E402
+from conveyor.prefect_server import prefect_env, start_prefect_server  # noqa: E402
+from conveyor.processes import free_port  # noqa: E402
 
 
 def pctl(values: list[float], q: float) -> float:
@@ -71,7 +72,7 @@ def run(a, work: Path, api_url: str) -> int:
     from conveyor.settings import WatchSettings
     from conveyor.store import Store
     from conveyor.supervisor import api
-    from conveyor.synth import CameraSpec, RecordingSpec, RecordingWriter
+    from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
     from flows.watch import stop_watching, watch
 
     defaults = WatchSettings()

@@ -6,8 +6,6 @@ project-local PREFECT_HOME so it never touches the user's ~/.prefect.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conveyor.errors import ConveyorError
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
+from conveyor.processes import free_port, port_in_use, stop_process
 
 
 def prefect_env(home: Path, api_url: str | None = None, base: dict | None = None) -> dict[str, str]:
@@ -60,22 +47,6 @@ class PrefectServer:
 
     def stop(self, timeout: float = 15.0) -> None:
         stop_process(self.process, timeout)
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """Stop a child and its process group; escalate to SIGKILL (a Prefect worker can ignore one SIGTERM)."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def start_prefect_server(home: Path, host: str = "127.0.0.1", port: int | None = None,

@@ -30,8 +30,8 @@ from pathlib import Path
 import yaml
 
 from conveyor.errors import ConveyorError
-from conveyor.prefect_server import (PrefectServer, healthy, port_in_use, prefect_env, start_prefect_server,
-                                     stop_process)
+from conveyor.prefect_server import PrefectServer, healthy, prefect_env, start_prefect_server
+from conveyor.processes import port_in_use, stop_process
 from conveyor.settings import Settings, SourceSettings
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -226,7 +226,7 @@ class Supervisor:
         log.close()
 
     def _start_demo(self) -> None:
-        from conveyor.demo import record_demo
+        from conveyor.synthetic.demo import record_demo
 
         self.out(f"demo: recording into {self.demo_dir} (store {self.settings.store_path(DEMO_SOURCE)})")
         self._demo_thread = threading.Thread(target=record_demo, args=(self.demo_dir,),

@@ -55,7 +55,7 @@ def boto3_session_from_block(name: str) -> tuple[Any, str | None]:
 
 
 def open_repo(config: str | None, url: str) -> ObjectStore:
-    from conveyor.cli_backup import open_repo as open_with_settings  # the one place that applies blocks
+    from conveyor.cli.backup import open_repo as open_with_settings  # the one place that applies blocks
 
     return open_with_settings(load_settings(config), url)
 

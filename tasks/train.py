@@ -13,10 +13,10 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.cache_policies import NONE
 
 from conveyor.settings import load_settings
-from conveyor.training.job import TrainResult, run_attempt
+from conveyor.training.attempt import TrainResult, run_attempt
 from conveyor.training.preflight import TrainPlan, preflight
 from conveyor.training.request import TrainRequest
-from conveyor.training.runner import StepMetrics
+from conveyor.training.lerobot_train import StepMetrics
 from tasks.artifacts import slug
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.prefect_server import free_port, prefect_env, start_prefect_server
+from conveyor.prefect_server import prefect_env, start_prefect_server
+from conveyor.processes import free_port
 
 # nothing in the test session may reach a hub
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SVT_LOG="1",

@@ -21,7 +21,7 @@ from conveyor.ingest import convert, ingest
 from conveyor.settings import S3Settings
 from conveyor.storage import CorruptObject, open_store
 from conveyor.store import Store
-from conveyor.synth import RecordingSpec, RecordingWriter, write_recording
+from conveyor.synthetic.recording import RecordingSpec, RecordingWriter, write_recording
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """The Prefect service: watcher, ingest flow, training trigger, `conveyor up` -- on real servers and files.
 
-A simulated recorder (`conveyor.synth.RecordingWriter`) writes episodes exactly as the old recorder does:
+A simulated recorder (`conveyor.synthetic.recording.RecordingWriter`) writes episodes exactly as the old recorder does:
 parquet and mp4s first, the jsonl lines last; `finish=False` leaves an episode half-written.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.prefect_server import free_port, port_in_use
+from conveyor.processes import free_port, port_in_use
 from conveyor.store import Store
 from conveyor.supervisor import api
-from conveyor.synth import CameraSpec, RecordingSpec, RecordingWriter
+from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
 from conveyor.watcher import EpisodeWatcher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -520,7 +520,7 @@ parameters = { store = "{store}", dataset = "{store_path}", content_hash = "{con
 
 
 def test_demo_recorder_writes_complete_episodes(tmp_path):
-    from conveyor.demo import record_demo
+    from conveyor.synthetic.demo import record_demo
     from conveyor.source import scan_source
 
     said: list[str] = []

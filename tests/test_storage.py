@@ -91,7 +91,7 @@ def test_endpoint_from_standard_aws_environment(s3_endpoint, monkeypatch):
 
 
 def test_unreachable_endpoint_is_transient_and_secret_free(monkeypatch, caplog):
-    from conveyor.prefect_server import free_port
+    from conveyor.processes import free_port
 
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     caplog.set_level(logging.DEBUG)

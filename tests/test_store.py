@@ -21,7 +21,7 @@ from conveyor.compact import compact
 from conveyor.errors import StoreLocked
 from conveyor.ingest import convert, ingest
 from conveyor.store import CRASH_ENV, Store
-from conveyor.synth import CameraSpec, RecordingSpec, RecordingWriter, write_recording
+from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter, write_recording
 from conveyor.validate import load_episodes, validate_deep, validate_fast
 from conveyor.video import decode_frames, probe
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conveyor.synth import CameraSpec, RecordingSpec, RecordingWriter, frame_pixels, write_recording
+from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter, frame_pixels, write_recording
 
 MIXED = RecordingSpec(cameras=(
     CameraSpec("observation.images.laptop"),
@@ -124,7 +124,7 @@ def test_no_cameras(tmp_path):
 
 
 def test_reopen_continues_and_cli(tmp_path):
-    from conveyor.synth import _main
+    from conveyor.synthetic.recording import _main
 
     _main([str(tmp_path), "--episodes", "2", "--length", "3", "--codec", "h264", "--size", "32x48", "--task", ""])
     spec = RecordingSpec(cameras=tuple(CameraSpec(k, 32, 48, "h264") for k in

@@ -32,7 +32,7 @@ TINY_ACT = {"policy.pretrained_backbone_weights": None, "policy.dim_model": 32, 
 def env(session_tmp, prefect_server):
     """A conveyor.toml with one store converted from a synth recording, a tiny SmolVLM, a file:// archive."""
     from conveyor.ingest import convert
-    from conveyor.synth import CameraSpec, RecordingSpec, write_recording
+    from conveyor.synthetic.recording import CameraSpec, RecordingSpec, write_recording
 
     base = session_tmp / "training"
     spec = RecordingSpec(fps=10, cameras=(CameraSpec("observation.images.cam", height=48, width=64,

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from conveyor.cli_store import progress_bar
+from conveyor.cli.store import progress_bar
 from conveyor.errors import ConveyorError
 
 VERBS = ("verify", "prune")

@@ -23,7 +23,7 @@ from conveyor.training import checkpoints as ck
 from conveyor.training.lossplot import plot_loss
 from conveyor.storage import ObjectStore, open_store
 from conveyor.training.preflight import TrainPlan
-from conveyor.training.runner import StepMetrics, lerobot_command, run_lerobot_train
+from conveyor.training.lerobot_train import StepMetrics, lerobot_command, run_lerobot_train
 
 Log = Callable[[str], None]
 

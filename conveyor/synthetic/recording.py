@@ -413,7 +413,7 @@ def write_recording(root, episodes: int | Sequence[int] = 3, *, lengths: int | S
 def _main(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m conveyor.synth", description="write a synthetic LeRobot v2.1 recording")
+    p = argparse.ArgumentParser(prog="python -m conveyor.synthetic.recording", description="write a synthetic LeRobot v2.1 recording")
     p.add_argument("root")
     p.add_argument("--episodes", type=int, default=3)
     p.add_argument("--length", type=int, default=12)

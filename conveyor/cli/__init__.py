@@ -14,7 +14,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from conveyor import cli_backup, cli_service, cli_store, cli_train
+    from conveyor.cli import backup as cli_backup, service as cli_service, store as cli_store, train as cli_train
 
     p = argparse.ArgumentParser(prog="conveyor", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="conveyor.toml (default: $CONVEYOR_CONFIG or ./conveyor.toml)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from conveyor.prefect_server import stop_process
+from conveyor.processes import stop_process
 
 _NUM = r"[-+0-9.eE]+"
 # lerobot 0.4.4 MetricsTracker.__str__: "step:1K smpl:2K ep:3 epch:0.05 loss:0.123 grdn:4.567 lr:1.0e-04 updt_s:0.300 data_s:0.020"

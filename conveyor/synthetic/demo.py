@@ -1,7 +1,7 @@
 """`conveyor up --demo`: a pretend recorder, so a newcomer sees episodes flow into the store.
 
 Writes a small generated v2.1 recording (two 64x48 AV1 cameras) into the demo source folder over about
-a minute, exactly as the old recorder does (media first, jsonl lines last), via `conveyor.synth`.
+a minute, exactly as the old recorder does (media first, jsonl lines last), via `conveyor.synthetic.recording`.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from conveyor.synth import RecordingSpec, RecordingWriter
+from conveyor.synthetic.recording import RecordingSpec, RecordingWriter
 
 DEMO_TASKS = ("pick the cube", "place the cube in the bowl")
 
