@@ -151,7 +151,7 @@ def test_no_camera_dataset(tmp_path):
 def test_matches_lerobot_official_converter(tmp_path):
     """On input the official converter handles, both outputs load to identical items."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
-    from lerobot.datasets.v30 import convert_dataset_v21_to_v30 as official
+    from lerobot.scripts import convert_dataset_v21_to_v30 as official
 
     src = write_recording(tmp_path / "src", episodes=3, lengths=[6, 4, 5], tasks=["抓取方块", "b", "抓取方块"],
                           spec=AV1_ONLY)
