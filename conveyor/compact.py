@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from conveyor import layout
 from conveyor.ingest import Progress
-from conveyor.models import CompactReport
+from conveyor.reports import CompactReport
 from conveyor.store import Commit, Store
 from conveyor.tables import episodes_schema
 from conveyor.validate import load_episodes

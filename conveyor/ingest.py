@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from conveyor import layout, stats as st
 from conveyor.errors import BadEpisode, ConveyorError
-from conveyor.models import EpisodeMapping, IngestReport, Quarantined
+from conveyor.reports import EpisodeMapping, IngestReport, Quarantined
 from conveyor.source import SourceEpisode, V21Source, check_video_length
 from conveyor.store import Commit, Store, is_store
 from conveyor.tables import (column_array, data_schema, episodes_schema, read_tasks, stats_columns,

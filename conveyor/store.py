@@ -28,7 +28,7 @@ from pathlib import Path
 
 from conveyor import layout
 from conveyor.errors import ConveyorError, StoreLocked
-from conveyor.models import DatasetVersion
+from conveyor.version import DatasetVersion
 
 DOT = ".conveyor"
 CRASH_ENV = "CONVEYOR_CRASH_AT"  # fault injection for the crash tests: SIGKILL self at a named point

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from conveyor import layout, stats as st
-from conveyor.models import ValidationReport
+from conveyor.reports import ValidationReport
 from conveyor.source import V21Source
 from conveyor.store import Store
 from conveyor.tables import column_array, read_tasks, stats_from_row

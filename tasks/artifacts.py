@@ -7,7 +7,8 @@ import time
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
-from conveyor.models import DatasetVersion, IngestReport
+from conveyor.reports import IngestReport
+from conveyor.version import DatasetVersion
 
 
 def slug(name: str) -> str:

@@ -13,7 +13,8 @@ from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 
 from conveyor.errors import ConveyorError
-from conveyor.models import DatasetVersion, IngestReport, ValidationReport
+from conveyor.reports import IngestReport, ValidationReport
+from conveyor.version import DatasetVersion
 from conveyor.trigger import idempotency_key
 from tasks.artifacts import Progress, slug, version_record
 from tasks.retry import RETRY

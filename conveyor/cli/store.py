@@ -6,7 +6,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from conveyor.models import IngestReport, ValidationReport
+from conveyor.reports import IngestReport, ValidationReport
 
 
 @contextmanager
