@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 
+from conveyor import sizing
 from conveyor.errors import ConveyorError
 from conveyor.reports import IngestReport, ValidationReport
 from conveyor.version import DatasetVersion
@@ -27,7 +28,7 @@ def store_limit(store_name: str) -> str:
 
 @task(name="append-episodes", **RETRY)
 def append_episodes(source_name: str, source_path: Path, store_path: Path, task_text: str | None = None,
-                    data_mb: int = 100, video_mb: int = 200) -> IngestReport:
+                    data_mb: float = sizing.DATA_MB, video_mb: float = sizing.VIDEO_MB) -> IngestReport:
     """Append the source's complete new episodes to the store; bad episodes are quarantined by the core,
     the rest still lands. Holds the store's Prefect concurrency slot, then the store's own file lock."""
     from conveyor.ingest import ingest as core_ingest
