@@ -1,4 +1,4 @@
-"""Prefect tasks around the core store: append, validate, record the version, trigger training.
+"""Prefect tasks around the core store: append, compact, validate, record the version, trigger training.
 
 Each is a thin wrapper: the work is in `conveyor.*`; here are retries (transient I/O only), the
 one-writer-per-store global concurrency limit, artifacts and logging.
@@ -6,7 +6,6 @@ one-writer-per-store global concurrency limit, artifacts and logging.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
@@ -16,7 +15,8 @@ from conveyor import sizing
 from conveyor.errors import ConveyorError
 from conveyor.reports import IngestReport, ValidationReport
 from conveyor.version import DatasetVersion
-from conveyor.trigger import idempotency_key
+from conveyor.settings import TrainTriggerSettings
+from conveyor.trigger import idempotency_key, render_parameters
 from tasks.artifacts import Progress, slug, version_record
 from tasks.retry import RETRY
 
@@ -96,12 +96,15 @@ def record_version(store_name: str, store_path: Path, version: DatasetVersion) -
 
 
 @task(name="trigger-training", **RETRY)
-def trigger_training(store_name: str, version: DatasetVersion, deployment: str,
-                     parameters: dict[str, Any]) -> str:
-    """Fire-and-forget the training deployment; the idempotency key (store + content hash) makes a retried
-    ingest return the existing run instead of creating a second one."""
+def trigger_training(training: TrainTriggerSettings, store_name: str, store_path: Path,
+                     version: DatasetVersion) -> str:
+    """Fire-and-forget the training deployment with `training.parameters` rendered for this store version;
+    the idempotency key (store + content hash) makes a retried ingest return the existing run instead of
+    creating a second one. The one trigger of the ingest and nightly flows."""
+    parameters = render_parameters(training.parameters, store=store_name, store_path=str(store_path),
+                                   version=version)
     key = idempotency_key(store_name, version)
-    run = run_deployment(deployment, parameters=parameters, timeout=0, idempotency_key=key)
+    run = run_deployment(training.deployment, parameters=parameters, timeout=0, idempotency_key=key)
     get_run_logger().info("training run %s (%s) for %s at commit %d (key %s)", run.name, run.id, store_name,
                           version.commit, key)
     return str(run.id)
