@@ -286,6 +286,32 @@ def test_changed_source_episode_is_reported_not_readded(tmp_path):
     assert Store.open(store).version.total_episodes == 2
 
 
+def test_transaction_is_the_one_door(tmp_path):
+    """An error or a cancel inside `store.transaction()` leaves the store byte-identical; no lock, no commit."""
+    src = write_recording(tmp_path / "src", episodes=1, lengths=2, spec=AV1_ONLY)
+    store = tmp_path / "store"
+    ingest(src, store)
+    s, before = Store.open(store), tree_hash(store)
+    with pytest.raises(RuntimeError, match="needs the store lock"):
+        with s.transaction("append"):
+            pass
+    with s.lock():
+        with pytest.raises(RuntimeError, match="boom"):
+            with s.transaction("append") as tx:
+                tx.write("meta/stats.json", b"{}")
+                tx.set_totals(9, 9)
+                raise RuntimeError("boom")
+        with s.transaction("append") as tx:
+            tx.write("meta/stats.json", b"{}")
+            tx.cancel()
+        assert tx.version is None
+        with pytest.raises(RuntimeError, match="set_totals"):
+            with s.transaction("append"):
+                pass
+    assert tree_hash(store) == before and s.version.commit == 1
+    assert not list((store / ".conveyor/staging").iterdir())
+
+
 def test_second_writer_gets_clear_lock_error(tmp_path):
     src = write_recording(tmp_path / "src", episodes=1, lengths=2, spec=AV1_ONLY)
     store = tmp_path / "store"
