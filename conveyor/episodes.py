@@ -26,17 +26,25 @@ def load_episodes(root: Path) -> list[dict]:
 
 def group_rows(rows: list[dict], features: dict, data_mb: float) -> list[list[dict]]:
     """Which rows share a metadata file under the size policy."""
-    sizes = sizing.row_bytes(rows, episodes_schema(features))
-    pairs = sizing.group(zip(rows, sizes), lambda p: p[1], sizing.limit_bytes(data_mb))
-    return [[r for r, _ in g] for g in pairs]
+    return [[rows[i] for i in g] for g in _groups(pa.Table.from_pylist(rows, schema=episodes_schema(features)),
+                                                  data_mb)]
+
+
+def _groups(table: pa.Table, data_mb: float) -> list[list[int]]:
+    sizes = sizing.row_bytes(table)
+    return sizing.group(range(table.num_rows), sizes.__getitem__, sizing.limit_bytes(data_mb))
 
 
 def write_episodes(commit: Commit, first_linear: int, rows: list[dict], features: dict, data_mb: float) -> None:
     """Stage `rows` as new meta/episodes files numbered from `first_linear`; fills each row's own file columns."""
-    schema = episodes_schema(features)
-    for linear, group in enumerate(group_rows(rows, features, data_mb), start=first_linear):
-        for r in group:
-            r.update(layout.file_columns("meta/episodes", linear))
+    table = pa.Table.from_pylist(rows, schema=episodes_schema(features))
+    for linear, group in enumerate(_groups(table, data_mb), start=first_linear):
+        columns = layout.file_columns("meta/episodes", linear)
+        for i in group:
+            rows[i].update(columns)
+        part = table.slice(group[0], len(group))
+        for name, value in columns.items():
+            part = part.set_column(part.schema.get_field_index(name), name, pa.array([value] * len(group), pa.int64()))
         rel = layout.episodes_path(linear)
-        pq.write_table(pa.Table.from_pylist(group, schema=schema), commit.path(rel), compression="snappy")
+        pq.write_table(part, commit.path(rel), compression="snappy")
         commit.staged(rel)

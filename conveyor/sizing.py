@@ -91,8 +91,29 @@ def file_bytes(path: Path) -> int:
     return mp4_bytes(path) if path.suffix == ".mp4" else parquet_bytes(path)
 
 
-def row_bytes(rows: list[dict], schema: pa.Schema) -> list[int]:
-    """In-memory Arrow bytes of each metadata row on its own (what lerobot measures for episode metadata)."""
-    import pyarrow as pa
+def row_bytes(table: pa.Table) -> list[int]:
+    """Arrow bytes of each row's values (list and string offsets included, validity bitmaps not): what a
+    metadata row weighs, the same wherever the row sits, so one batch and a whole store measure it alike."""
+    import numpy as np
 
-    return [pa.Table.from_pylist([r], schema=schema).nbytes for r in rows]
+    total = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        total += _value_bytes(column.combine_chunks())
+    return total.tolist()
+
+
+def _value_bytes(arr: pa.Array):
+    """Per element: its values' bytes, plus one offset for variable-length types (lists of lists recurse)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t, types = arr.type, pa.types
+    if types.is_list(t) or types.is_large_list(t):
+        offsets = arr.offsets.to_numpy().astype(np.int64)
+        cum = np.concatenate([[0], np.cumsum(_value_bytes(arr.values))])
+        return cum[offsets[1:]] - cum[offsets[:-1]] + (8 if types.is_large_list(t) else 4)
+    if types.is_string(t) or types.is_large_string(t) or types.is_binary(t) or types.is_large_binary(t):
+        large = types.is_large_string(t) or types.is_large_binary(t)
+        return pc.binary_length(arr).fill_null(0).to_numpy().astype(np.int64) + (8 if large else 4)
+    return np.full(len(arr), max(1, t.bit_width // 8), dtype=np.int64)  # fixed width; booleans count a byte
