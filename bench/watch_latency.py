@@ -95,7 +95,7 @@ def run(a, work: Path, api_url: str) -> int:
             if (store / ".conveyor").is_dir():
                 now = time.time()
                 for r in Store.open(store).ledger():
-                    committed.setdefault(r["source_episode_index"], now)
+                    committed.setdefault(r.source_episode_index, now)
             time.sleep(0.02)
 
     watcher = threading.Thread(target=watch, kwargs={"config": str(cfg), "deep": not a.no_deep}, daemon=True)

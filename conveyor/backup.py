@@ -51,7 +51,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from conveyor.errors import ConveyorError
-from conveyor.models import DatasetVersion
+from conveyor.version import DatasetVersion
 from conveyor.storage import CorruptObject, MissingObject, ObjectStore, hash_file, sha256_hex
 
 FORMAT = "conveyor-snapshot/1"

@@ -40,6 +40,32 @@ def episodes_path(linear: int) -> str:
     return EPISODES_PATH.format(chunk_index=c, file_index=f)
 
 
+def file_columns(prefix: str, linear: int) -> dict[str, int]:
+    """The `<prefix>/chunk_index` and `<prefix>/file_index` columns of an episode row for file number `linear`,
+    prefix 'data', 'videos/<key>' or 'meta/episodes'."""
+    c, f = split_index(linear)
+    return {f"{prefix}/chunk_index": c, f"{prefix}/file_index": f}
+
+
+def _file_of(row: dict, prefix: str) -> dict[str, int]:
+    return {"chunk_index": row[f"{prefix}/chunk_index"], "file_index": row[f"{prefix}/file_index"]}
+
+
+def episode_data_path(row: dict) -> str:
+    """The data file that holds the episode of a meta/episodes row."""
+    return DATA_PATH.format(**_file_of(row, "data"))
+
+
+def episode_video_path(row: dict, key: str) -> str:
+    """The camera `key` video file that holds the episode of a meta/episodes row."""
+    return VIDEO_PATH.format(video_key=key, **_file_of(row, f"videos/{key}"))
+
+
+def episode_meta_path(row: dict) -> str:
+    """The meta/episodes file that holds the row itself."""
+    return EPISODES_PATH.format(**_file_of(row, "meta/episodes"))
+
+
 def kind_of(path: str) -> str | None:
     """'data', 'meta', or 'videos/<key>' for a chunked file; None for anything else."""
     if path.startswith("data/"):

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from conveyor import sizing
 from conveyor.errors import ConveyorError
 
 CONFIG_ENV = "CONVEYOR_CONFIG"
@@ -103,8 +104,8 @@ class Settings(BaseSettings):
     watch: WatchSettings = Field(default_factory=WatchSettings)
     training: TrainTriggerSettings = Field(default_factory=TrainTriggerSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
-    data_files_size_in_mb: int = Field(100, ge=1)
-    video_files_size_in_mb: int = Field(200, ge=1)
+    data_files_size_in_mb: int = Field(sizing.DATA_MB, ge=1)
+    video_files_size_in_mb: int = Field(sizing.VIDEO_MB, ge=1)
     config_path: Path | None = Field(None, exclude=True)
 
     @field_validator("sources")

@@ -2,10 +2,12 @@
 
 The recorder writes an episode's parquet and mp4s first and its episodes.jsonl line last, so an episode
 counts as complete only when its line, its parquet and every camera's mp4 are present and agree on the
-frame count (parquet rows = `length` = video packets). Everything here only reads.
+frame count (parquet rows = `length` = video packets). Also the source side of ingest: an episode's identity
+(fingerprint, content hash) and whether the source's features fit a store. Everything here only reads.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +129,46 @@ class V21Source:
     def episode_files(self, ep: int) -> list[Path]:
         return [self.parquet_path(ep)] + [self.video_path(ep, k) for k in self.video_keys]
 
+    # -- identity: what the ledger records, so a changed episode is noticed ---------------------------
+
+    def fingerprint(self, ep: int) -> dict[str, list[int]]:
+        """File name -> [size, mtime_ns] of the episode's files: the cheap check."""
+        return {p.name: [info.st_size, info.st_mtime_ns] for p in self.episode_files(ep) for info in [p.stat()]}
+
+    def content_hash(self, ep: int) -> str:
+        """sha256 over the sha256 of each of the episode's files: the exact check."""
+        h = hashlib.sha256()
+        for p in self.episode_files(ep):
+            with open(p, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        return h.hexdigest()
+
+    def changed_since(self, ep: int, fingerprint: dict, content_hash: str) -> bool:
+        """True when the episode's files all exist and their content differs from the recorded identity."""
+        if not all(p.exists() for p in self.episode_files(ep)):
+            return False
+        return self.fingerprint(ep) != fingerprint and self.content_hash(ep) != content_hash
+
+    # -- features: what a v3.0 store of this source holds ---------------------------------------------
+
+    def store_features(self) -> dict:
+        """The features as lerobot's `create` writes them (no per-feature `fps`)."""
+        feats = json.loads(json.dumps(self.features))
+        for f in feats.values():
+            f.pop("fps", None)
+        return feats
+
+    def check_compatible(self, info: dict, store_root: Path) -> None:
+        """Raise naming the source's info.json unless fps and features match the store's `info`."""
+        if int(info["fps"]) != self.fps:
+            raise ConveyorError(self.root / "meta/info.json",
+                                f"fps mismatch: source has {self.fps}, store {store_root} has {info['fps']}")
+        a, b = _comparable(self.store_features()), _comparable(info["features"])
+        if a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ConveyorError(self.root / "meta/info.json",
+                                f"feature mismatch with store {store_root}: {', '.join(diff)}")
+
     # -- completeness ---------------------------------------------------------------------------------
 
     def check_episode(self, ep: int, record: dict, probe_videos: bool = True) -> SourceEpisode:
@@ -192,6 +234,10 @@ class V21Source:
                     result.incomplete.append(ep)
         result.incomplete.sort()
         return ready, result
+
+
+def _comparable(features: dict) -> dict:
+    return {k: (f["dtype"], list(f["shape"]), f.get("names")) for k, f in features.items()}
 
 
 def check_video_length(path: Path, frames: int, length: int, ep: int) -> None:

@@ -22,13 +22,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from conveyor import layout
 from conveyor.errors import ConveyorError, StoreLocked
-from conveyor.models import DatasetVersion
+from conveyor.ledger import LedgerRecord, append_ledger, read_ledger
+from conveyor.version import DatasetVersion
 
 DOT = ".conveyor"
 CRASH_ENV = "CONVEYOR_CRASH_AT"  # fault injection for the crash tests: SIGKILL self at a named point
@@ -81,7 +82,8 @@ class Snapshot:
 
 
 class Commit:
-    """Files staged for one commit; `Store.commit()` makes them visible atomically."""
+    """One transaction's staged files, removals, ledger records and totals; made visible atomically when its
+    `Store.transaction()` block ends without an error."""
 
     def __init__(self, store: "Store", kind: str):
         self.store = store
@@ -91,7 +93,10 @@ class Commit:
         self.dir.mkdir(parents=True)
         self.add: dict[str, FileEntry] = {}
         self.remove: list[str] = []
-        self.ledger: list[dict] = []
+        self.ledger: list[LedgerRecord] = []
+        self.totals: tuple[int, int] | None = None
+        self.cancelled = False
+        self.version: DatasetVersion | None = None  # set once committed
 
     def path(self, rel: str) -> Path:
         """Where to write the staged file that will become `rel`."""
@@ -109,12 +114,28 @@ class Commit:
         p.write_bytes(data)
         self.add[rel] = FileEntry(len(data), hashlib.sha256(data).hexdigest())
 
+    def delete(self, rels: list[str]) -> None:
+        """Committed files this commit removes (compaction replaces them)."""
+        self.remove += rels
+
+    def record(self, records: list[LedgerRecord]) -> None:
+        """Ledger records of the episodes this commit adds (their commit number is filled in at commit)."""
+        self.ledger += records
+
+    def set_totals(self, episodes: int, frames: int) -> None:
+        """The store's total episodes and frames once this commit is applied."""
+        self.totals = (episodes, frames)
+
+    def cancel(self) -> None:
+        """Nothing to commit after all: the block ends without a new version and staging is dropped."""
+        self.cancelled = True
+
     def abort(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Store:
-    """Open with `Store.open(root)`; write through `lock()` + `begin()` + `commit()`."""
+    """Open with `Store.open(root)`; write under `lock()` through `with store.transaction(kind) as tx:`."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -194,19 +215,9 @@ class Store:
             return {}
         return {k: FileEntry(*v) for k, v in json.loads(p.read_text()).items()}
 
-    def ledger(self) -> list[dict]:
+    def ledger(self) -> list[LedgerRecord]:
         """Source episode -> store episode records of committed commits, in store order."""
-        p = self.dot / "ledger.jsonl"
-        if not p.exists():
-            return []
-        head = self.head_commit()
-        seen: dict[int, dict] = {}
-        for line in p.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                if r["commit"] <= head:
-                    seen[r["episode_index"]] = r  # a rolled-forward commit may have appended twice
-        return [seen[k] for k in sorted(seen)]
+        return read_ledger(self.dot / "ledger.jsonl", self.head_commit())
 
     # -- locking ---------------------------------------------------------------------------------------
 
@@ -257,13 +268,26 @@ class Store:
 
     # -- committing ------------------------------------------------------------------------------------
 
-    def begin(self, kind: str) -> Commit:
+    @contextmanager
+    def transaction(self, kind: str) -> Iterator[Commit]:
+        """The one way to change a store: stage files into the yielded commit; when the block ends without an
+        error it is committed (`tx.version`), on any error (or `tx.cancel()`) staging is dropped."""
         if self._lock_fd is None:
-            raise RuntimeError("begin() needs the store lock")
-        return Commit(self, kind)
+            raise RuntimeError("transaction() needs the store lock")
+        c = Commit(self, kind)
+        try:
+            yield c
+            if not c.cancelled:
+                c.version = self._commit(c)
+        finally:
+            if c.version is None:
+                c.abort()
 
-    def commit(self, c: Commit, totals: tuple[int, int]) -> DatasetVersion:
+    def _commit(self, c: Commit) -> DatasetVersion:
         """Write the commit record (the commit point), then apply it."""
+        if c.totals is None:
+            raise RuntimeError("a commit needs set_totals()")
+        totals = c.totals
         parent = self.version
         manifest = self.manifest()
         for rel in c.remove:
@@ -278,14 +302,12 @@ class Store:
             h.update(f"-{rel}\n".encode())
         version = DatasetVersion(commit=parent.commit + 1, commit_id=c.id, total_episodes=totals[0],
                                  total_frames=totals[1], content_hash=h.hexdigest())
-        for r in c.ledger:
-            r["commit"] = version.commit
         record = {
             "commit": version.commit, "id": c.id, "kind": c.kind,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "version": version.model_dump(),
             "add": {k: [v.size, v.sha256] for k, v in c.add.items()},
-            "remove": c.remove, "ledger": c.ledger,
+            "remove": c.remove, "ledger": [replace(r, commit=version.commit).to_json() for r in c.ledger],
         }
         for d in {p.parent for p in c.dir.rglob("*") if p.is_file()}:
             _fsync_dir(d)
@@ -313,11 +335,7 @@ class Store:
             for rel in record["remove"]:
                 (self.root / rel).unlink(missing_ok=True)
             if record["ledger"]:
-                with open(self.dot / "ledger.jsonl", "a", encoding="utf-8") as f:
-                    for r in record["ledger"]:
-                        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                append_ledger(self.dot / "ledger.jsonl", record["ledger"])
             crashpoint("ledger")
             _write_atomic(self.dot / "HEAD", json.dumps(record["version"]).encode())
         crashpoint("head")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from conveyor.models import DatasetVersion
+from conveyor.version import DatasetVersion
 from conveyor.settings import TrainTriggerSettings
 
 

@@ -19,7 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from conveyor import layout, stats as st
-from conveyor.models import ValidationReport
+from conveyor.episodes import load_episodes
+from conveyor.ledger import LedgerRecord
+from conveyor.reports import ValidationReport
 from conveyor.source import V21Source
 from conveyor.store import Store
 from conveyor.tables import column_array, read_tasks, stats_from_row
@@ -31,14 +33,6 @@ RENUMBERED = ("episode_index", "index", "task_index")
 def _read(path) -> pa.Table:
     """`pq.ParquetFile(...).read()`: same table as `pq.read_table` without importing pandas (0.4 s)."""
     return pq.ParquetFile(path).read()
-
-
-def load_episodes(root: Path) -> list[dict]:
-    files = sorted((root / "meta" / "episodes").glob("*/*.parquet"))
-    rows: list[dict] = []
-    for f in files:
-        rows += _read(f).to_pylist()
-    return sorted(rows, key=lambda r: r["episode_index"])
 
 
 def _sample(n: int) -> list[int]:
@@ -69,13 +63,11 @@ class _Checker:
         return self._tables[rel]
 
     def episode_rows(self, row: dict) -> pa.Table:
-        rel = layout.DATA_PATH.format(chunk_index=row["data/chunk_index"], file_index=row["data/file_index"])
-        t = self.table(rel)
+        t = self.table(layout.episode_data_path(row))
         return t.filter(pc.equal(t.column("episode_index"), row["episode_index"]))
 
     def video_rel(self, row: dict, key: str) -> str:
-        return layout.VIDEO_PATH.format(video_key=key, chunk_index=row[f"videos/{key}/chunk_index"],
-                                        file_index=row[f"videos/{key}/file_index"])
+        return layout.episode_video_path(row, key)
 
     def segment(self, row: dict, key: str) -> tuple[int, ...]:
         """The episode's packets: pts whose time lies in [from, to) (bisected: files hold many episodes)."""
@@ -89,7 +81,7 @@ class _Checker:
 
     # -- per-episode checks -------------------------------------------------------------------------
 
-    def check_episode(self, row: dict, ledger_rec: dict | None) -> None:
+    def check_episode(self, row: dict, ledger_rec: LedgerRecord | None) -> None:
         ep, n = row["episode_index"], row["length"]
         add = self.report.add
         data = self.episode_rows(row)
@@ -101,8 +93,7 @@ class _Checker:
                   and np.array_equal(fi, np.arange(n)))
         add(f"episode {ep}: data rows", ok, f"{data.num_rows} rows for length {n}")
         if ledger_rec is not None:
-            add(f"episode {ep}: ledger length", ledger_rec["length"] == n,
-                f"ledger {ledger_rec['length']} vs store {n}")
+            add(f"episode {ep}: ledger length", ledger_rec.length == n, f"ledger {ledger_rec.length} vs store {n}")
         for key in self.video_keys:
             pr = self.probe(self.video_rel(row, key))
             seg = self.segment(row, key)
@@ -126,8 +117,8 @@ class _Checker:
                 recomputed[key] = st.numeric_stats(column_array(data, key))
         bad = st.equal(recomputed, stats_from_row(self.features, row), rtol=1e-6, atol=1e-6)
         add(f"episode {ep}: stats", not bad, ", ".join(bad[:5]))
-        if self.src is not None and ledger_rec is not None and ledger_rec["source"] == str(self.src.root):
-            self.against_source(row, data, ledger_rec["source_episode_index"])
+        if self.src is not None and ledger_rec is not None and ledger_rec.source == str(self.src.root):
+            self.against_source(row, data, ledger_rec.source_episode_index)
 
     def against_source(self, row: dict, data: pa.Table, src_ep: int) -> None:
         ep, add = row["episode_index"], self.report.add
@@ -168,14 +159,14 @@ class _Checker:
 
     # -- whole-store checks ---------------------------------------------------------------------------
 
-    def check_store(self, rows: list[dict], ledger: list[dict]) -> None:
+    def check_store(self, rows: list[dict], ledger: list[LedgerRecord]) -> None:
         add, info = self.report.add, self.info
         n_eps, n_frames = info["total_episodes"], info["total_frames"]
         add("episode indices contiguous", [r["episode_index"] for r in rows] == list(range(len(rows))),
             f"{len(rows)} metadata rows")
         add("totals match metadata", n_eps == len(rows) and n_frames == sum(r["length"] for r in rows),
             f"info: {n_eps} episodes / {n_frames} frames")
-        add("totals match ledger", n_eps == len(ledger) and n_frames == sum(r["length"] for r in ledger),
+        add("totals match ledger", n_eps == len(ledger) and n_frames == sum(r.length for r in ledger),
             f"ledger: {len(ledger)} episodes")
         add("splits", info.get("splits") == {"train": f"0:{n_eps}"}, json.dumps(info.get("splits")))
         frame, ok = 0, True
@@ -186,8 +177,7 @@ class _Checker:
         missing = [rel for rel, e in self.store.manifest().items()
                    if not (self.root / rel).exists() or (self.root / rel).stat().st_size != e.size]
         add("committed files present", not missing, ", ".join(missing[:5]))
-        referenced = {layout.DATA_PATH.format(chunk_index=r["data/chunk_index"], file_index=r["data/file_index"])
-                      for r in rows}
+        referenced = {layout.episode_data_path(r) for r in rows}
         referenced |= {self.video_rel(r, k) for r in rows for k in self.video_keys}
         on_disk = {p.relative_to(self.root).as_posix() for d in ("data", "videos")
                    for p in (self.root / d).rglob("*") if p.is_file()} if rows else set()
@@ -211,7 +201,7 @@ def _run(store: str | Path, against, episodes, deep: bool) -> ValidationReport:
     chk = _Checker(s, Path(against).resolve() if against else None, report)
     rows = load_episodes(s.root)
     ledger = s.ledger()
-    by_ep = {r["episode_index"]: r for r in ledger}
+    by_ep = {r.episode_index: r for r in ledger}
     chk.check_store(rows, ledger)
     todo = list(range(len(rows))) if episodes is None else [e for e in episodes if 0 <= e < len(rows)]
     report.episodes_checked = todo

@@ -10,7 +10,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from conveyor.settings import load_settings
-from conveyor.trigger import render_parameters, training_due
+from conveyor.trigger import training_due
 from tasks.artifacts import episode_table, quarantine_summary
 from tasks.ingest import (append_episodes, record_version, trigger_training, validate_deep_task,
                           validate_fast_task)
@@ -49,9 +49,7 @@ def ingest(source: str, config: str | None = None, deep: bool = True, train: boo
     due = train if train is not None else training_due(settings.training, before, version.total_episodes,
                                                         nightly=nightly)
     if due and version.total_episodes:
-        params = render_parameters(settings.training.parameters, store=src.name, store_path=str(store),
-                                   version=version)
-        run_id = trigger_training(src.name, version, settings.training.deployment, params)
+        run_id = trigger_training(settings.training, src.name, store, version)
     if report.quarantined:
         log.warning("%d episode(s) of %s quarantined; see the quarantine artifact", len(report.quarantined),
                     src.name)

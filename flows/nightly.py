@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from conveyor.errors import ConveyorError
 from conveyor.settings import load_settings
 from flows.ingest import ingest
-from conveyor.trigger import render_parameters, training_due
+from conveyor.trigger import training_due
 from tasks.ingest import compact_store, trigger_training, validate_deep_task
 
 
@@ -41,9 +41,7 @@ def nightly(config: str | None = None, compact: bool = True, deep: bool = True) 
                 from conveyor.store import Store
 
                 version = Store.open(store).version  # after compaction: train on what is committed now
-                params = render_parameters(settings.training.parameters, store=src.name,
-                                           store_path=str(store), version=version)
-                row["training_run"] = trigger_training(src.name, version, settings.training.deployment, params)
+                row["training_run"] = trigger_training(settings.training, src.name, store, version)
         except Exception as e:  # noqa: BLE001 - reported below, the flow still fails at the end
             log.error("%s: %s", src.name, e)
             row["error"] = str(e)

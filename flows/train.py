@@ -12,14 +12,8 @@ from prefect import flow, get_client
 from prefect.runtime import flow_run
 
 from conveyor.errors import ConveyorError
-from conveyor.training.request import TrainRequest
+from conveyor.training.request import TrainRequest, default_run_name
 from tasks.train import evaluate_task, preflight_task, run_task
-
-
-def default_run_name(request: TrainRequest, run_id: str | None) -> str:
-    policy = request.policy_type if not request.policy_path else "finetune"
-    store = request.store.rstrip("/").split("/")[-1] or "store"
-    return f"{policy}-{store}-{(run_id or 'local')[:8]}"
 
 
 @flow(name="train", retries=2, retry_delay_seconds=30, log_prints=True)
@@ -28,7 +22,7 @@ def train(request: TrainRequest, config: str | None = None) -> dict[str, Any]:
 
     config: conveyor.toml on the worker (default: $CONVEYOR_CONFIG or ./conveyor.toml).
     """
-    run_name = request.run_name or default_run_name(request, flow_run.get_id())
+    run_name = request.run_name or default_run_name(request, (flow_run.get_id() or "local")[:8])
     try:
         plan = preflight_task(request, run_name, config)
     except ConveyorError:

@@ -1,4 +1,5 @@
-"""Prefect artifacts for ingest runs: what landed where, live progress, and what was quarantined."""
+"""Prefect artifacts: what an ingest landed where and what it quarantined, dataset versions, and the one
+throttled progress artifact that ingest, compaction and training feed."""
 from __future__ import annotations
 
 import re
@@ -7,7 +8,8 @@ import time
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
-from conveyor.models import DatasetVersion, IngestReport
+from conveyor.reports import IngestReport
+from conveyor.version import DatasetVersion
 
 
 def slug(name: str) -> str:
@@ -55,9 +57,10 @@ def _cell(text: str) -> str:
 
 
 class Progress:
-    """Feeds the core `progress(done, total, description)` callback into one progress artifact.
+    """Feeds a `progress(done, total, description)` callback into one progress artifact.
 
-    Created on the first call, updated at most every `every` seconds (each update is an API call).
+    Created on the first call, updated at most every `every` seconds (each update is an API call) and always
+    at the end; a failing update never fails the work it reports on.
     """
 
     def __init__(self, key: str, every: float = 0.5):
@@ -66,7 +69,7 @@ class Progress:
         self._last = 0.0
 
     def __call__(self, done: int, total: int, description: str) -> None:
-        pct = 100.0 * done / total if total else 100.0
+        pct = min(100.0, 100.0 * done / total) if total else 100.0
         now = time.monotonic()
         try:
             if self.artifact_id is None:
@@ -75,6 +78,6 @@ class Progress:
                 update_progress_artifact(self.artifact_id, pct, description=description)
             else:
                 return
-        except Exception:  # noqa: BLE001 - progress display must never fail a conversion
+        except Exception:  # noqa: BLE001 - a progress display must never fail the work
             return
         self._last = now

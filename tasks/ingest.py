@@ -1,4 +1,4 @@
-"""Prefect tasks around the core store: append, validate, record the version, trigger training.
+"""Prefect tasks around the core store: append, compact, validate, record the version, trigger training.
 
 Each is a thin wrapper: the work is in `conveyor.*`; here are retries (transient I/O only), the
 one-writer-per-store global concurrency limit, artifacts and logging.
@@ -6,15 +6,17 @@ one-writer-per-store global concurrency limit, artifacts and logging.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 
+from conveyor import sizing
 from conveyor.errors import ConveyorError
-from conveyor.models import DatasetVersion, IngestReport, ValidationReport
-from conveyor.trigger import idempotency_key
+from conveyor.reports import IngestReport, ValidationReport
+from conveyor.version import DatasetVersion
+from conveyor.settings import TrainTriggerSettings
+from conveyor.trigger import idempotency_key, render_parameters
 from tasks.artifacts import Progress, slug, version_record
 from tasks.retry import RETRY
 
@@ -26,7 +28,7 @@ def store_limit(store_name: str) -> str:
 
 @task(name="append-episodes", **RETRY)
 def append_episodes(source_name: str, source_path: Path, store_path: Path, task_text: str | None = None,
-                    data_mb: int = 100, video_mb: int = 200) -> IngestReport:
+                    data_mb: float = sizing.DATA_MB, video_mb: float = sizing.VIDEO_MB) -> IngestReport:
     """Append the source's complete new episodes to the store; bad episodes are quarantined by the core,
     the rest still lands. Holds the store's Prefect concurrency slot, then the store's own file lock."""
     from conveyor.ingest import ingest as core_ingest
@@ -94,12 +96,15 @@ def record_version(store_name: str, store_path: Path, version: DatasetVersion) -
 
 
 @task(name="trigger-training", **RETRY)
-def trigger_training(store_name: str, version: DatasetVersion, deployment: str,
-                     parameters: dict[str, Any]) -> str:
-    """Fire-and-forget the training deployment; the idempotency key (store + content hash) makes a retried
-    ingest return the existing run instead of creating a second one."""
+def trigger_training(training: TrainTriggerSettings, store_name: str, store_path: Path,
+                     version: DatasetVersion) -> str:
+    """Fire-and-forget the training deployment with `training.parameters` rendered for this store version;
+    the idempotency key (store + content hash) makes a retried ingest return the existing run instead of
+    creating a second one. The one trigger of the ingest and nightly flows."""
+    parameters = render_parameters(training.parameters, store=store_name, store_path=str(store_path),
+                                   version=version)
     key = idempotency_key(store_name, version)
-    run = run_deployment(deployment, parameters=parameters, timeout=0, idempotency_key=key)
+    run = run_deployment(training.deployment, parameters=parameters, timeout=0, idempotency_key=key)
     get_run_logger().info("training run %s (%s) for %s at commit %d (key %s)", run.name, run.id, store_name,
                           version.commit, key)
     return str(run.id)

@@ -5,11 +5,8 @@ No task retries: the `train` flow's retries re-run an attempt, which resumes fro
 """
 from __future__ import annotations
 
-import time
-
 from prefect import get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from conveyor.settings import load_settings
@@ -17,7 +14,7 @@ from conveyor.training.attempt import TrainResult, run_attempt
 from conveyor.training.preflight import TrainPlan, preflight
 from conveyor.training.request import TrainRequest
 from conveyor.training.lerobot_train import StepMetrics
-from tasks.artifacts import slug
+from tasks.artifacts import Progress, slug
 
 
 @task(name="train-preflight", cache_policy=NONE)
@@ -39,40 +36,16 @@ def preflight_task(request: TrainRequest, run_name: str, config: str | None = No
     return plan
 
 
-class _Progress:
-    """Progress artifact fed from parsed log lines; updated at most every `every` seconds."""
-
-    def __init__(self, plan: TrainPlan, every: float = 2.0):
-        self.total, self.every, self.last = plan.request.steps, every, 0.0
-        self.key = f"train-progress-{slug(plan.run_name)}"
-        self.id = None
-
-    def __call__(self, m: StepMetrics) -> None:
-        now = time.monotonic()
-        if self.id is not None and now - self.last < self.every and m.step < self.total:
-            return
-        pct = min(100.0, 100.0 * m.step / self.total)
-        desc = f"step {m.step}/{self.total}, loss {m.loss:.4g}, {m.samples_per_s:.1f} samples/s"
-        try:
-            if self.id is None:
-                self.id = create_progress_artifact(pct, key=self.key, description=desc)
-            else:
-                update_progress_artifact(self.id, pct, description=desc)
-        except Exception:  # noqa: BLE001 -- a display must never stop training
-            return
-        self.last = now
-
-
 @task(name="train-run", cache_policy=NONE)
 def run_task(plan: TrainPlan, config: str | None = None) -> TrainResult:
     """One lerobot-train attempt (fresh or resumed); its output goes line by line into this run's log."""
     log = get_run_logger()
     rows: list[StepMetrics] = []
-    progress = _Progress(plan)
+    progress, total = Progress(f"train-progress-{slug(plan.run_name)}", every=2.0), plan.request.steps
 
     def on_metrics(m: StepMetrics) -> None:
         rows.append(m)
-        progress(m)
+        progress(m.step, total, f"step {m.step}/{total}, loss {m.loss:.4g}, {m.samples_per_s:.1f} samples/s")
 
     try:
         result = run_attempt(plan, load_settings(config), log=log.info, on_line=log.info, on_metrics=on_metrics)

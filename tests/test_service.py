@@ -74,7 +74,7 @@ def store_sources(store: Path) -> list[int]:
     """Source episode indices in the store, in store order (duplicates would show twice)."""
     if not (store / ".conveyor").is_dir():
         return []
-    return [r["source_episode_index"] for r in Store.open(store).ledger()]
+    return [r.source_episode_index for r in Store.open(store).ledger()]
 
 
 def corrupt_episode(w: RecordingWriter, ep: int) -> None:

@@ -16,13 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conveyor import stats as st
+from conveyor import layout, stats as st
 from conveyor.compact import compact
 from conveyor.errors import StoreLocked
 from conveyor.ingest import convert, ingest
 from conveyor.store import CRASH_ENV, Store
 from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter, write_recording
-from conveyor.validate import load_episodes, validate_deep, validate_fast
+from conveyor.episodes import load_episodes
+from conveyor.validate import validate_deep, validate_fast
 from conveyor.video import decode_frames, probe
 
 MIXED = RecordingSpec(cameras=(CameraSpec("observation.images.laptop", codec="av1"),
@@ -48,7 +49,7 @@ def store_content(root: Path) -> dict:
         for k, f in info["features"].items():
             if f["dtype"] != "video":
                 continue
-            rel = root / f"videos/{k}/chunk-{r[f'videos/{k}/chunk_index']:03d}/file-{r[f'videos/{k}/file_index']:03d}.mp4"
+            rel = root / layout.episode_video_path(r, k)
             pr = probe(rel)
             a, b = r[f"videos/{k}/from_timestamp"], r[f"videos/{k}/to_timestamp"]
             seg = [float(p * pr.time_base) for p in pr.pts if a - 1e-6 <= float(p * pr.time_base) < b - 1e-6]
@@ -151,7 +152,7 @@ def test_no_camera_dataset(tmp_path):
 def test_matches_lerobot_official_converter(tmp_path):
     """On input the official converter handles, both outputs load to identical items."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
-    from lerobot.scripts import convert_dataset_v21_to_v30 as official  # 0.6 moved it out of datasets.v30
+    from lerobot.scripts import convert_dataset_v21_to_v30 as official
 
     src = write_recording(tmp_path / "src", episodes=3, lengths=[6, 4, 5], tasks=["抓取方块", "b", "抓取方块"],
                           spec=AV1_ONLY)
@@ -208,6 +209,41 @@ def test_compaction_after_many_one_episode_ingests(tmp_path):
     assert ingest(src, store).new_episodes == 1 and validate_fast(store, against=src).ok
 
 
+def file_groups(root: Path) -> dict[str, list[list[int]]]:
+    """Which episodes share a file, per kind (data, each camera, episode metadata), whatever the files' numbers."""
+    rows = load_episodes(root)
+    info = json.loads((root / "meta/info.json").read_text())
+    kinds = {"data": layout.episode_data_path, "meta": layout.episode_meta_path}
+    kinds |= {k: (lambda r, k=k: layout.episode_video_path(r, k)) for k, f in info["features"].items()
+              if f["dtype"] == "video"}
+    out = {}
+    for kind, rel_of in kinds.items():
+        files: dict[str, list[int]] = {}
+        for r in rows:
+            files.setdefault(rel_of(r), []).append(r["episode_index"])
+        out[kind] = sorted(files.values())
+    return out
+
+
+def test_one_at_a_time_then_compact_gives_the_files_of_a_one_shot_convert(tmp_path):
+    """One size policy: ingest's data writer, video grouping, episode metadata and compaction agree."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    limits = dict(data_mb=5400 / 2**20, video_mb=3000 / 2**20)  # a few episodes per file, several files
+    w = RecordingWriter(src, AV1_ONLY)
+    for ep, n in enumerate([4, 1, 3, 5, 2, 4, 3, 2]):
+        w.write_episode(ep, n, "抓取方块")
+        ingest(src, store, **limits)
+    assert all(len(g) == 1 for groups in file_groups(store).values() for g in groups)  # one file per commit
+    compact(store)
+    convert(src, tmp_path / "oneshot", **limits)
+    merged, oneshot = file_groups(store), file_groups(tmp_path / "oneshot")
+    assert merged == oneshot
+    for kind, groups in oneshot.items():  # the limits really grouped and rolled every kind of file
+        assert len(groups) > 1 and max(map(len, groups)) > 1, (kind, groups)
+    assert_same_content(store, tmp_path / "oneshot")
+    assert validate_fast(store, against=src).ok
+
+
 def test_rollover_with_tiny_size_limits(tmp_path):
     src = write_recording(tmp_path / "src", episodes=5, lengths=[6, 2, 5, 3, 4], spec=AV1_ONLY)
     convert(src, tmp_path / "store", data_mb=0.0008, video_mb=0.004)  # ~800 B and ~4 KB
@@ -232,7 +268,7 @@ def test_late_completing_episode_lands_when_complete(tmp_path):
     w.finish_episode(1)
     r = ingest(src, store)
     assert [(m.source_episode_index, m.episode_index) for m in r.added] == [(1, 2)]
-    ledger = {(e["source_episode_index"], e["episode_index"]) for e in Store.open(store).ledger()}
+    ledger = {(e.source_episode_index, e.episode_index) for e in Store.open(store).ledger()}
     assert ledger == {(0, 0), (2, 1), (1, 2)}
     assert validate_fast(store, against=src).ok
 
@@ -248,6 +284,32 @@ def test_changed_source_episode_is_reported_not_readded(tmp_path):
     r = ingest(src, store)
     assert r.new_episodes == 0 and [c.source_episode_index for c in r.changed] == [1]
     assert Store.open(store).version.total_episodes == 2
+
+
+def test_transaction_is_the_one_door(tmp_path):
+    """An error or a cancel inside `store.transaction()` leaves the store byte-identical; no lock, no commit."""
+    src = write_recording(tmp_path / "src", episodes=1, lengths=2, spec=AV1_ONLY)
+    store = tmp_path / "store"
+    ingest(src, store)
+    s, before = Store.open(store), tree_hash(store)
+    with pytest.raises(RuntimeError, match="needs the store lock"):
+        with s.transaction("append"):
+            pass
+    with s.lock():
+        with pytest.raises(RuntimeError, match="boom"):
+            with s.transaction("append") as tx:
+                tx.write("meta/stats.json", b"{}")
+                tx.set_totals(9, 9)
+                raise RuntimeError("boom")
+        with s.transaction("append") as tx:
+            tx.write("meta/stats.json", b"{}")
+            tx.cancel()
+        assert tx.version is None
+        with pytest.raises(RuntimeError, match="set_totals"):
+            with s.transaction("append"):
+                pass
+    assert tree_hash(store) == before and s.version.commit == 1
+    assert not list((store / ".conveyor/staging").iterdir())
 
 
 def test_second_writer_gets_clear_lock_error(tmp_path):
@@ -302,7 +364,7 @@ def test_sigkill_at_each_commit_step_then_rerun(point, crash_source, crash_base,
     report = validate_fast(store, against=crash_source)
     assert report.ok, report.failures
     assert Store.open(store).version.total_episodes == 4
-    assert sorted(e["source_episode_index"] for e in Store.open(store).ledger()) == [0, 1, 2, 3]
+    assert sorted(e.source_episode_index for e in Store.open(store).ledger()) == [0, 1, 2, 3]
 
 
 def test_sigkill_at_random_times_then_rerun(crash_source, crash_base, tmp_path):

@@ -6,7 +6,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from conveyor.models import IngestReport, ValidationReport
+from conveyor import sizing
+from conveyor.reports import IngestReport, ValidationReport
 
 
 @contextmanager
@@ -107,8 +108,9 @@ def _compact(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     def sizes(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data-mb", type=float, default=100, help="data file size target (MB, new stores)")
-        p.add_argument("--video-mb", type=float, default=200, help="video file size target (MB, new stores)")
+        p.add_argument("--data-mb", type=float, default=sizing.DATA_MB, help="data file size target (MB, new stores)")
+        p.add_argument("--video-mb", type=float, default=sizing.VIDEO_MB,
+                       help="video file size target (MB, new stores)")
         p.add_argument("--task", help="task text for episodes recorded without one")
 
     p = sub.add_parser("convert", help="one-shot v2.1 -> v3.0 conversion into a new store")

@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--recipe", choices=["auto", "light", "standard"], default="auto")
     p.add_argument("--dataset-version", help="pin: commit number or content-hash prefix")
-    p.add_argument("--run-name", help="reuse a name to continue that run (default: <policy>-<store>-<time>)")
+    p.add_argument("--run-name", help="reuse a name to continue that run (default: <policy>-<store>-<time>, "
+                                     "policy 'finetune' with --policy-path)")
     p.add_argument("--output-dir", help="run folder (default: <work_dir>/runs/<run name>)")
     p.add_argument("--archive", metavar="URL", help="object storage for checkpoints (default: settings.storage_url)")
     p.add_argument("--no-archive", action="store_true", help="keep checkpoints local only")
@@ -62,24 +63,27 @@ def _prefect_env(args) -> None:
 
 
 def build_request(args):
-    from conveyor.training.request import TrainRequest, parse_set_options
+    from conveyor.training.request import TrainRequest, default_run_name, parse_set_options
 
     try:
         options = parse_set_options(args.options)
     except ValueError as ex:
         raise ConveyorError("--set", str(ex)) from None
-    run_name = args.run_name or f"{args.policy_type}-{os.path.basename(args.store.rstrip('/'))}-" \
-                                f"{datetime.now():%Y%m%d-%H%M%S}"
+    fields = dict(store=args.store, policy_type=args.policy_type, policy_path=args.policy_path,
+                  vlm_model_name=args.vlm_model_name, steps=args.steps, batch_size=args.batch_size,
+                  save_freq=args.save_freq, log_freq=args.log_freq, num_workers=args.num_workers, seed=args.seed,
+                  device=args.device, gpus=args.gpus, recipe=args.recipe, dataset_version=args.dataset_version,
+                  run_name=args.run_name, output_dir=args.output_dir, archive=not args.no_archive,
+                  archive_url=args.archive, options=options)
     try:
-        return TrainRequest(store=args.store, policy_type=args.policy_type, policy_path=args.policy_path,
-                            vlm_model_name=args.vlm_model_name, steps=args.steps, batch_size=args.batch_size,
-                            save_freq=args.save_freq, log_freq=args.log_freq, num_workers=args.num_workers,
-                            seed=args.seed, device=args.device, gpus=args.gpus, recipe=args.recipe,
-                            dataset_version=args.dataset_version, run_name=run_name, output_dir=args.output_dir,
-                            archive=not args.no_archive, archive_url=args.archive, options=options)
+        request = TrainRequest(**fields)
+        if not request.run_name:
+            stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+            request = TrainRequest(**fields | {"run_name": default_run_name(request, stamp)})
     except ValidationError as ex:
         err = ex.errors()[0]
         raise ConveyorError("--" + "-".join(str(x) for x in err["loc"]).replace("_", "-"), err["msg"]) from None
+    return request
 
 
 def cmd_train(args) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from conveyor.errors import ConveyorError
-from conveyor.models import DatasetVersion
+from conveyor.version import DatasetVersion
 from conveyor.training.recipes import choose_recipe, min_free_gib
 from conveyor.training.request import OptionValue, TrainRequest
 

@@ -91,6 +91,12 @@ class TrainRequest(BaseModel):
         return v.strip()
 
 
+def default_run_name(request: TrainRequest, suffix: str) -> str:
+    """`<policy>-<store>-<suffix>` ("finetune" for a policy_path): the UI's and the CLI's default run name."""
+    policy = "finetune" if request.policy_path else request.policy_type
+    return f"{policy}-{request.store.rstrip('/').split('/')[-1] or 'store'}-{suffix}"
+
+
 def parse_set_options(items: list[str]) -> dict[str, OptionValue]:
     """`--set a.b=value` strings -> options; values stay strings (lerobot's own parser types them)."""
     out: dict[str, OptionValue] = {}

@@ -1,21 +1,9 @@
-"""Typed results that flows render as artifacts and the CLI prints."""
+"""Typed reports of ingest, compaction and validation: flows render them as artifacts, the CLI prints them."""
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-
-class DatasetVersion(BaseModel):
-    """Identifies a committed state of a store; `content_hash` chains every commit's file hashes."""
-
-    commit: int = Field(description="commit sequence number, 0 = empty store")
-    commit_id: str = ""
-    total_episodes: int = 0
-    total_frames: int = 0
-    content_hash: str = ""
-
-    @property
-    def short(self) -> str:
-        return f"c{self.commit}-{self.content_hash[:12]}"
+from conveyor.version import DatasetVersion
 
 
 class EpisodeMapping(BaseModel):
