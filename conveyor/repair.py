@@ -94,6 +94,17 @@ def fetch(repo: ObjectStore, f: ManifestFile, dst: Path) -> None:
             os.fsync(fd.fileno())
 
 
+def has_snapshots(repo: ObjectStore) -> bool:
+    """Whether the repository holds any snapshot (what `scrub.repair` defaults on)."""
+    return bool(snapshot_ids(repo))
+
+
+def still_damaged(found: ScrubReport, repaired: RepairReport | None) -> list[FileDamage]:
+    """What a scrub found and no repair healed: damaged, missing, lost (extras are reported, not failed on)."""
+    healed = {h.path for h in repaired.healed} if repaired else set()
+    return [d for d in found.damaged if d.path not in healed]
+
+
 # --------------------------------------------------------------------------------------------------
 
 

@@ -38,9 +38,9 @@ def store_folder(spec: str, config: str | None) -> Path:
     raise ConveyorError(spec, "not a conveyor store, nor the name of one under store_root")
 
 
-def print_problems(problems, stream=sys.stdout) -> None:
+def print_problems(problems) -> None:
     for d in problems:
-        print(f"  {d.line()}", file=stream)
+        print(f"  {d.line()}")
 
 
 def _scrub(a: argparse.Namespace) -> int:
