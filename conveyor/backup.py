@@ -579,6 +579,9 @@ def _backup_locked(store: ObjectStore, view: _View, name: str, snap_id: str, sou
 # --------------------------------------------------------------------------------------------------
 # restore
 
+# what makes a restored store look complete (info.json, then HEAD): written after every other file
+RESTORED_LAST = ("meta/info.json", ".conveyor/HEAD")
+
 
 def restore(store: ObjectStore, ref: str | None, dst: str | os.PathLike, *, force: bool = False,
             progress: Progress | None = None, concurrency: int = 8) -> RestoreReport:
@@ -607,8 +610,10 @@ def restore(store: ObjectStore, ref: str | None, dst: str | os.PathLike, *, forc
 
     blobs: dict[str, list[ManifestFile]] = {}
     packs: dict[str, list[ManifestFile]] = {}
+    last = [f for f in m.files if f.path in RESTORED_LAST]
     for f in m.files:
-        (packs.setdefault(f.pack, []) if f.pack else blobs.setdefault(f.sha256, [])).append(f)
+        if f.path not in RESTORED_LAST:
+            (packs.setdefault(f.pack, []) if f.pack else blobs.setdefault(f.sha256, [])).append(f)
 
     def write_pack(psha: str):
         data = store.get_bytes(pack_key(psha), expected_sha256=psha)
@@ -632,16 +637,28 @@ def restore(store: ObjectStore, ref: str | None, dst: str | os.PathLike, *, forc
                     tick(f.size)
         for f in futs:
             f.result()
+    for f in sorted(last, key=lambda f: RESTORED_LAST.index(f.path)):  # only once everything else is in place
+        if f.pack:
+            chunk = store.get_bytes(pack_key(f.pack))[f.offset:f.offset + f.size]
+            if sha256_hex(chunk) != f.sha256:
+                raise CorruptObject(f"{store.url}/{pack_key(f.pack)}", f"bytes for {f.path} do not match the manifest")
+        else:
+            chunk = store.get_bytes(blob_key(f.sha256), expected_sha256=f.sha256)
+        _write_atomic(dst / f.path, chunk, f.mtime_ns)
+        tick(f.size)
     return RestoreReport(snapshot=snap_id, dst=str(dst), files=len(m.files), bytes=m.total_bytes,
                          seconds=time.perf_counter() - t0)
 
 
 def _write_atomic(path: Path, data: bytes, mtime_ns: int) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.utime(tmp, ns=(mtime_ns, mtime_ns))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no temp file behind
 
 
 # --------------------------------------------------------------------------------------------------

@@ -188,11 +188,14 @@ def verify_files(s: Store, rels: list[str] | None = None, *, progress: Progress 
     def tick(n: int) -> None:
         with lock:
             done[0] += n
-            if progress:
-                progress(done[0], total, "scrubbing")
 
+    suspects = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        suspects = [d for d in pool.map(lambda r: _check(s.root, r, manifest[r], tick), todo) if d]
+        for d in pool.map(lambda r: _check(s.root, r, manifest[r], tick), todo):
+            if d:
+                suspects.append(d)
+            if progress:  # from the caller's thread only (Prefect artifacts and rich need it)
+                progress(done[0], total, "scrubbing")
     extras = sorted(_on_disk(s.root) - set(manifest)) if rels is None else []
     if not suspects and not extras:
         return [], len(todo), total, version
