@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
 from conveyor import layout
@@ -220,6 +219,8 @@ def verify_files(s: Store, rels: list[str] | None = None, *, progress: Progress 
 def _episode_rows(root: Path, manifest: dict[str, FileEntry], damaged: set[str]) -> tuple[list[dict], set[int]]:
     """Location columns of every episode-metadata row, and the episode indices found; a metadata file
     that cannot be read is skipped (its episodes are the ones missing from the others)."""
+    import pyarrow.parquet as pq  # only when something is wrong: keeps `conveyor scrub` start-up light
+
     rows: list[dict] = []
     for rel in sorted(r for r in manifest if r.startswith("meta/episodes/")):
         try:
