@@ -9,10 +9,8 @@ disk belongs to the `versions` work and is tested there.)
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -58,8 +56,7 @@ def one_line_error(p, *needles: str) -> str:
 
 def store_state(root: Path) -> dict[str, str]:
     """Every dataset file and conveyor's bookkeeping (HEAD, manifest, ledger, commits), by hash."""
-    out = tree(root, skip=(".conveyor/lock", ".conveyor/apply.lock", ".conveyor/staging", ".conveyor/snapshots"))
-    return out
+    return tree(root, skip=(".conveyor/lock", ".conveyor/apply.lock", ".conveyor/staging", ".conveyor/snapshots"))
 
 
 @contextmanager
@@ -359,6 +356,7 @@ class SlowDownProxy:
         self.server.server_close()
 
 
+@pytest.mark.slow
 def test_s3_slowdown_mid_backup_is_retried_and_nothing_half_written_looks_complete(prefect_server, tmp_path,
                                                                                    s3_endpoint, monkeypatch):
     import prefect.context

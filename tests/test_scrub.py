@@ -239,6 +239,7 @@ def _nightly_config(tmp_path: Path, url: str, extra: str = "") -> Path:
     return cfg
 
 
+@pytest.mark.slow
 def test_nightly_scrubs_repairs_and_fails_loudly_on_lost_files(prefect_server, tmp_path):
     from conveyor.storage import open_store
     from conveyor.supervisor import api
