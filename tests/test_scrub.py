@@ -278,3 +278,28 @@ def test_nightly_scrubs_repairs_and_fails_loudly_on_lost_files(prefect_server, t
     assert status == 200
     md = arts[0]["data"]
     assert f"| `{video.relative_to(store).as_posix()}` | damaged | episodes 0-2, camera {PHONE} | **LOST**" in md
+
+
+@pytest.mark.parametrize("rel,damage", [
+    ("data/chunk-000/file-001.parquet", "zero"),
+    ("data/chunk-000/file-001.parquet", "truncate"),
+    ("meta/episodes/chunk-000/file-002.parquet", "zero"),
+    ("meta/info.json", "zero"),
+    ("meta/stats.json", "truncate"),
+    ("meta/tasks.parquet", "truncate"),
+    (f"videos/{PHONE}/chunk-000/file-000.mp4", "truncate"),
+    (f"videos/{PHONE}/chunk-000/file-003.mp4", "delete"),
+])
+def test_validation_never_raises_on_a_damaged_file(store, rel, damage):
+    p = store / rel
+    if damage == "zero":
+        zero_middle(p, 64)
+    elif damage == "truncate":
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    else:
+        p.unlink()
+    for check in (validate_fast, validate_deep):
+        r = check(store)
+        assert not r.ok, f"{check.__name__} passed a store with {rel} damaged ({damage})"
+        assert any(rel in c.name or rel in c.detail for c in r.failures), [c for c in r.failures]
+    assert [d.path for d in scrub(store).problems] == [rel]
