@@ -407,6 +407,10 @@ def _hash_items(items: list[_Item], immutable: bool, progress: Progress | None, 
     return changed
 
 
+_DAMAGED = ("does not hash to the sha256 its commit recorded: the store is damaged; not backed up "
+            "(`conveyor scrub` names it, `conveyor repair` heals it from an earlier snapshot)")
+
+
 def _make_pack(items: list[_Item], immutable: bool) -> tuple[bytes, list[_Item], list[str]]:
     """Concatenate small files, re-checking each one's hash (it may have changed since hashing)."""
     parts, kept, changed = [], [], []
@@ -416,6 +420,8 @@ def _make_pack(items: list[_Item], immutable: bool) -> tuple[bytes, list[_Item],
         except FileNotFoundError:
             changed.append(it.rel)
             continue
+        if immutable and sha256_hex(data) != it.sha:  # a committed store file is never rewritten: this is damage
+            raise ConveyorError(it.rel, _DAMAGED)
         if sha256_hex(data) != it.sha or (not immutable and not _unchanged(it)):
             changed.append(it.rel)
             continue
@@ -451,7 +457,12 @@ def backup(source: str | os.PathLike, store: ObjectStore, *, name: str | None = 
         try:
             store.put_bytes(lock, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                               "time": now.isoformat()}).encode())
-            report = _backup_locked(store, view, name, snap_id, source, now, progress, workers, concurrency)
+            try:
+                report = _backup_locked(store, view, name, snap_id, source, now, progress, workers, concurrency)
+            except ConveyorError as e:
+                if e.problem == _DAMAGED:  # name the store's file, not its hard link in the snapshot folder
+                    raise ConveyorError(source / e.path, e.problem) from None
+                raise
         finally:
             _ACTIVE_LOCKS.discard(lock)
             try:
@@ -535,6 +546,8 @@ def _backup_locked(store: ObjectStore, view: _View, name: str, snap_id: str, sou
                                       concurrency=concurrency, return_exceptions=True)
             for it, res in zip(plan.blobs, results):
                 if isinstance(res, ConveyorError):
+                    if view.immutable and isinstance(res, CorruptObject):
+                        raise ConveyorError(it.rel, _DAMAGED)
                     if view.immutable or _unchanged(it) or not isinstance(res, CorruptObject):
                         raise res
                     blob_changed.append(it.rel)  # the server refused bytes that no longer match the hash

@@ -15,6 +15,7 @@ from backup_helpers import make_repo
 from conveyor import backup as B
 from conveyor.cli import main as cli
 from conveyor.compact import compact
+from conveyor.errors import ConveyorError
 from conveyor.ingest import convert, ingest
 from conveyor.repair import repair
 from conveyor.scrub import format_episodes, scrub
@@ -303,3 +304,12 @@ def test_validation_never_raises_on_a_damaged_file(store, rel, damage):
         assert not r.ok, f"{check.__name__} passed a store with {rel} damaged ({damage})"
         assert any(rel in c.name or rel in c.detail for c in r.failures), [c for c in r.failures]
     assert [d.path for d in scrub(store).problems] == [rel]
+
+
+def test_a_backup_refuses_to_spread_damage(store, tmp_path):
+    """A damaged committed file fails the backup, naming it; no snapshot without it appears."""
+    url, _, repo = make_repo("file", tmp_path, None)
+    zero_middle(store / "meta/stats.json", 4)
+    with pytest.raises(ConveyorError, match="stats.json: does not hash to the sha256 its commit recorded"):
+        B.backup(store, repo)
+    assert B.snapshot_ids(repo) == []
