@@ -407,6 +407,10 @@ def _hash_items(items: list[_Item], immutable: bool, progress: Progress | None, 
     return changed
 
 
+_DAMAGED = ("does not hash to the sha256 its commit recorded: the store is damaged; not backed up "
+            "(`conveyor scrub` names it, `conveyor repair` heals it from an earlier snapshot)")
+
+
 def _make_pack(items: list[_Item], immutable: bool) -> tuple[bytes, list[_Item], list[str]]:
     """Concatenate small files, re-checking each one's hash (it may have changed since hashing)."""
     parts, kept, changed = [], [], []
@@ -416,6 +420,8 @@ def _make_pack(items: list[_Item], immutable: bool) -> tuple[bytes, list[_Item],
         except FileNotFoundError:
             changed.append(it.rel)
             continue
+        if immutable and sha256_hex(data) != it.sha:  # a committed store file is never rewritten: this is damage
+            raise ConveyorError(it.rel, _DAMAGED)
         if sha256_hex(data) != it.sha or (not immutable and not _unchanged(it)):
             changed.append(it.rel)
             continue
@@ -451,7 +457,12 @@ def backup(source: str | os.PathLike, store: ObjectStore, *, name: str | None = 
         try:
             store.put_bytes(lock, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                               "time": now.isoformat()}).encode())
-            report = _backup_locked(store, view, name, snap_id, source, now, progress, workers, concurrency)
+            try:
+                report = _backup_locked(store, view, name, snap_id, source, now, progress, workers, concurrency)
+            except ConveyorError as e:
+                if e.problem == _DAMAGED:  # name the store's file, not its hard link in the snapshot folder
+                    raise ConveyorError(source / e.path, e.problem) from None
+                raise
         finally:
             _ACTIVE_LOCKS.discard(lock)
             try:
@@ -535,6 +546,8 @@ def _backup_locked(store: ObjectStore, view: _View, name: str, snap_id: str, sou
                                       concurrency=concurrency, return_exceptions=True)
             for it, res in zip(plan.blobs, results):
                 if isinstance(res, ConveyorError):
+                    if view.immutable and isinstance(res, CorruptObject):
+                        raise ConveyorError(it.rel, _DAMAGED)
                     if view.immutable or _unchanged(it) or not isinstance(res, CorruptObject):
                         raise res
                     blob_changed.append(it.rel)  # the server refused bytes that no longer match the hash
@@ -579,6 +592,9 @@ def _backup_locked(store: ObjectStore, view: _View, name: str, snap_id: str, sou
 # --------------------------------------------------------------------------------------------------
 # restore
 
+# what makes a restored store look complete (info.json, then HEAD): written after every other file
+RESTORED_LAST = ("meta/info.json", ".conveyor/HEAD")
+
 
 def restore(store: ObjectStore, ref: str | None, dst: str | os.PathLike, *, force: bool = False,
             progress: Progress | None = None, concurrency: int = 8) -> RestoreReport:
@@ -607,8 +623,10 @@ def restore(store: ObjectStore, ref: str | None, dst: str | os.PathLike, *, forc
 
     blobs: dict[str, list[ManifestFile]] = {}
     packs: dict[str, list[ManifestFile]] = {}
+    last = [f for f in m.files if f.path in RESTORED_LAST]
     for f in m.files:
-        (packs.setdefault(f.pack, []) if f.pack else blobs.setdefault(f.sha256, [])).append(f)
+        if f.path not in RESTORED_LAST:
+            (packs.setdefault(f.pack, []) if f.pack else blobs.setdefault(f.sha256, [])).append(f)
 
     def write_pack(psha: str):
         data = store.get_bytes(pack_key(psha), expected_sha256=psha)
@@ -632,16 +650,28 @@ def restore(store: ObjectStore, ref: str | None, dst: str | os.PathLike, *, forc
                     tick(f.size)
         for f in futs:
             f.result()
+    for f in sorted(last, key=lambda f: RESTORED_LAST.index(f.path)):  # only once everything else is in place
+        if f.pack:
+            chunk = store.get_bytes(pack_key(f.pack))[f.offset:f.offset + f.size]
+            if sha256_hex(chunk) != f.sha256:
+                raise CorruptObject(f"{store.url}/{pack_key(f.pack)}", f"bytes for {f.path} do not match the manifest")
+        else:
+            chunk = store.get_bytes(blob_key(f.sha256), expected_sha256=f.sha256)
+        _write_atomic(dst / f.path, chunk, f.mtime_ns)
+        tick(f.size)
     return RestoreReport(snapshot=snap_id, dst=str(dst), files=len(m.files), bytes=m.total_bytes,
                          seconds=time.perf_counter() - t0)
 
 
 def _write_atomic(path: Path, data: bytes, mtime_ns: int) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.utime(tmp, ns=(mtime_ns, mtime_ns))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no temp file behind
 
 
 # --------------------------------------------------------------------------------------------------

@@ -57,6 +57,15 @@ class BackupSettings(BaseModel):
     include_sources: bool = Field(True, description="also back up the raw v2.1 recordings")
 
 
+class ScrubSettings(BaseModel):
+    """Nightly scrub: every committed file re-read against its sha256 (see `conveyor.scrub`)."""
+
+    enabled: bool = True
+    repair: bool | None = Field(None, description="heal damaged files from storage_url's snapshots; "
+                                                   "default (unset): when the repository holds a snapshot")
+    workers: int = Field(2, ge=1, description="hashing threads")
+
+
 class ScheduleSettings(BaseModel):
     nightly_cron: str = "0 2 * * *"
     timezone: str = "UTC"
@@ -101,6 +110,7 @@ class Settings(BaseSettings):
     transfer: TransferSettings = Field(default_factory=TransferSettings)
     backup: BackupSettings = Field(default_factory=BackupSettings)
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    scrub: ScrubSettings = Field(default_factory=ScrubSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
     training: TrainTriggerSettings = Field(default_factory=TrainTriggerSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)

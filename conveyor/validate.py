@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,12 +21,17 @@ import pyarrow.parquet as pq
 
 from conveyor import layout, stats as st
 from conveyor.episodes import load_episodes
+from conveyor.errors import ConveyorError
 from conveyor.ledger import LedgerRecord
 from conveyor.reports import ValidationReport
 from conveyor.source import V21Source
 from conveyor.store import Store
 from conveyor.tables import column_array, read_tasks, stats_from_row
 from conveyor.video import VideoProbe, decode_frames, probe, sample_keyframes
+
+# what damaged media and tables raise; a check turns them into a FAIL line naming the file
+MEDIA_ERRORS = (ConveyorError, av.error.FFmpegError, pa.ArrowException, OSError, ValueError, IndexError,
+                KeyError, RuntimeError)
 
 RENUMBERED = ("episode_index", "index", "task_index")
 
@@ -81,10 +87,33 @@ class _Checker:
 
     # -- per-episode checks -------------------------------------------------------------------------
 
+    def data_rel(self, row: dict) -> str:
+        return layout.episode_data_path(row)
+
     def check_episode(self, row: dict, ledger_rec: LedgerRecord | None) -> None:
+        """Per-episode checks; a damaged file fails the episode's check naming camera and file, never raises."""
+        ep = row["episode_index"]
+        try:
+            data = self.episode_rows(row)
+        except MEDIA_ERRORS as e:
+            self.report.add(f"episode {ep}: data rows readable", False, f"{self.data_rel(row)}: {_why(e)}")
+            return
+        try:
+            self._check_episode(row, ledger_rec, data)
+        except _Damaged as e:
+            self.report.add(f"episode {ep}: {e.what} decodes", False, e.detail)
+
+    def media(self, row: dict, key: str, fn, *args):
+        """Run `fn(*args)` on one camera's file; a decode failure becomes `_Damaged` naming camera and file."""
+        try:
+            return fn(*args)
+        except MEDIA_ERRORS as e:
+            raise _Damaged(f"camera {key}", f"episode {row['episode_index']}, camera {key}, file "
+                                            f"{self.video_rel(row, key)}: {_why(e)}") from None
+
+    def _check_episode(self, row: dict, ledger_rec: LedgerRecord | None, data: pa.Table) -> None:
         ep, n = row["episode_index"], row["length"]
         add = self.report.add
-        data = self.episode_rows(row)
         ok = data.num_rows == n
         if ok:
             idx = data.column("index").to_numpy()
@@ -95,7 +124,7 @@ class _Checker:
         if ledger_rec is not None:
             add(f"episode {ep}: ledger length", ledger_rec.length == n, f"ledger {ledger_rec.length} vs store {n}")
         for key in self.video_keys:
-            pr = self.probe(self.video_rel(row, key))
+            pr = self.media(row, key, self.probe, self.video_rel(row, key))
             seg = self.segment(row, key)
             t0 = row[f"videos/{key}/from_timestamp"]
             times = np.array([float(p * pr.time_base) for p in seg])
@@ -109,8 +138,12 @@ class _Checker:
             if ft["dtype"] == "video":
                 seg = self.segment(row, key)
                 rel = self.video_rel(row, key)
-                recomputed[key] = st.image_stats(sample_keyframes(self.root / rel, self.probe(rel), seg,
-                                                                  st.CAMERA_SAMPLES)) if seg else {}
+                frames = self.media(row, key, sample_keyframes, self.root / rel, self.probe(rel), seg,
+                                    st.CAMERA_SAMPLES) if seg else None
+                if seg and not frames:
+                    raise _Damaged(f"camera {key}", f"episode {ep}, camera {key}, file {rel}: no keyframe in the "
+                                                    "episode's packets (damaged or re-muxed file)")
+                recomputed[key] = st.image_stats(frames) if seg else {}
             elif ft["dtype"] == "image":
                 recomputed[key] = st.image_stats(st.png_frames(data.column(key).to_pylist()))
             else:
@@ -152,7 +185,8 @@ class _Checker:
                     f"store segment has {len(seg)} frames, source {sp.frames}, length {row['length']}")
                 continue
             pr = self.probe(self.video_rel(row, key))
-            a = decode_frames(self.root / self.video_rel(row, key), [float(seg[j] * pr.time_base) for j in picks])
+            a = self.media(row, key, decode_frames, self.root / self.video_rel(row, key),
+                           [float(seg[j] * pr.time_base) for j in picks])
             b = decode_frames(src_video, [float(sp.pts[j] * sp.time_base) for j in picks])
             same = all(np.array_equal(x, y) for x, y in zip(a, b))
             add(f"episode {ep}: {key} frames {picks} pixel-identical to source", same, str(src_video))
@@ -195,22 +229,51 @@ def _run(store: str | Path, against, episodes, deep: bool) -> ValidationReport:
     t0 = time.monotonic()
     s = Store.open(store)
     report = ValidationReport(store=str(s.root), deep=deep, version=s.version)
-    if not s.info:
+    if not (s.root / layout.INFO).exists():
         report.add("store has committed data", False, "no meta/info.json (empty store)")
         return report
-    chk = _Checker(s, Path(against).resolve() if against else None, report)
-    rows = load_episodes(s.root)
-    ledger = s.ledger()
-    by_ep = {r.episode_index: r for r in ledger}
-    chk.check_store(rows, ledger)
-    todo = list(range(len(rows))) if episodes is None else [e for e in episodes if 0 <= e < len(rows)]
-    report.episodes_checked = todo
-    for e in todo:
-        chk.check_episode(rows[e], by_ep.get(e))
-    if deep:
-        _deep(s, chk, rows, todo)
+    try:
+        _check_hashes(s, report, episodes)
+        chk = _Checker(s, Path(against).resolve() if against else None, report)
+        rows = load_episodes(s.root)
+        ledger = s.ledger()
+        by_ep = {r.episode_index: r for r in ledger}
+        todo = list(range(len(rows))) if episodes is None else [e for e in episodes if 0 <= e < len(rows)]
+        report.episodes_checked = todo
+        chk.check_store(rows, ledger)
+        for e in todo:
+            chk.check_episode(rows[e], by_ep.get(e))
+        if deep:
+            _deep(s, chk, rows, todo)
+    except MEDIA_ERRORS as e:  # a damaged store fails a check, naming the file; it never ends in a traceback
+        where = f"{e.path}: {e.problem}" if isinstance(e, ConveyorError) else _why(e)
+        report.add("store readable", False, where)
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _check_hashes(s: Store, report: ValidationReport, episodes: list[int] | None) -> None:
+    """The checked episodes' data, video and metadata files, plus info/stats/tasks, hash as committed:
+    the only check that sees bytes damaged where no sampled frame is decoded."""
+    from conveyor.scrub import attribute, verify_files
+
+    rels = None  # every committed file
+    if episodes is not None:
+        try:
+            rows = load_episodes(s.root)
+            keys = [k for k, f in s.info["features"].items() if f["dtype"] == "video"]
+            rels = set(layout.META_FILES) | {p for p in s.manifest() if p.startswith("meta/episodes/")}
+            for r in (rows[e] for e in episodes if 0 <= e < len(rows)):
+                rels.add(layout.DATA_PATH.format(chunk_index=r["data/chunk_index"], file_index=r["data/file_index"]))
+                rels |= {layout.VIDEO_PATH.format(video_key=k, chunk_index=r[f"videos/{k}/chunk_index"],
+                                                  file_index=r[f"videos/{k}/file_index"]) for k in keys}
+            rels = sorted(rels)
+        except MEDIA_ERRORS:
+            rels = None  # unreadable metadata: check everything
+    problems, files, _, _ = verify_files(s, rels if rels is not None else sorted(s.manifest()))
+    for d in attribute(s, problems):
+        report.add(f"file {d.path} intact", False, f"{d.problem}: {d.holds()}" + (f"; {d.detail}" if d.detail else ""))
+    report.add("committed files hash as recorded", not problems, f"{len(problems)} of {files} damaged or missing")
 
 
 def validate_fast(store: str | Path, *, against: str | Path | None = None,
@@ -242,7 +305,11 @@ def _deep(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
         data = chk.episode_rows(row)
         bad = []
         for j in _sample(row["length"]):
-            item = ds[row["dataset_from_index"] + j]
+            try:
+                item = ds[row["dataset_from_index"] + j]
+            except Exception as exc:  # noqa: BLE001 - lerobot's decoder on a damaged file: name the camera
+                bad.append(f"frame {j}: lerobot cannot load it ({_why(exc)}); {_culprits(chk, s, row, j)}")
+                continue
             for key, ft in chk.features.items():
                 if ft["dtype"] in ("video", "image"):
                     continue
@@ -258,8 +325,38 @@ def _deep(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
                     bad.append(f"{key} segment")
                     continue
                 pr = chk.probe(chk.video_rel(row, key))
-                ref = decode_frames(s.root / chk.video_rel(row, key), [float(seg[j] * pr.time_base)])[0]
+                try:
+                    ref = decode_frames(s.root / chk.video_rel(row, key), [float(seg[j] * pr.time_base)])[0]
+                except MEDIA_ERRORS as exc:
+                    bad.append(f"camera {key} frame {j}, file {chk.video_rel(row, key)}: {_why(exc)}")
+                    continue
                 got = (item[key].numpy().transpose(1, 2, 0) * 255.0)
                 if np.abs(got - ref.astype(np.float64)).max() > 1.0:
                     bad.append(f"{key}[{j}]")
         add(f"episode {e}: lerobot items equal stored data and frames", not bad, ", ".join(bad[:5]))
+
+
+def _culprits(chk: "_Checker", s: Store, row: dict, j: int) -> str:
+    """Which camera files of an episode cannot be decoded at frame j (the ones lerobot tripped on)."""
+    out = []
+    for key in chk.video_keys:
+        rel = chk.video_rel(row, key)
+        try:
+            seg = chk.segment(row, key)
+            pr = chk.probe(rel)
+            decode_frames(s.root / rel, [float(seg[j] * pr.time_base)])
+        except MEDIA_ERRORS as e:
+            out.append(f"camera {key}, file {rel}: {_why(e)}")
+    return "; ".join(out) or "no camera file fails on its own"
+
+
+class _Damaged(Exception):
+    def __init__(self, what: str, detail: str):
+        self.what, self.detail = what, detail
+
+
+def _why(e: BaseException) -> str:
+    """One line: a ConveyorError's problem (its path is named by the caller), else type and message."""
+    if isinstance(e, ConveyorError):
+        return e.problem
+    return f"{type(e).__name__}: {e}".splitlines()[0]

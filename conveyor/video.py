@@ -194,15 +194,18 @@ def decode_frames(path: Path, times: list[float], tol: float = 1e-4) -> list[np.
         s = c.streams.video[0]
         tb = s.time_base
         for t in times:
-            c.seek(int(t / tb), stream=s, backward=True, any_frame=False)
             found = None
-            for frame in c.decode(s):
-                ft = float(frame.pts * tb)
-                if abs(ft - t) < tol:
-                    found = frame.to_ndarray(format="rgb24")
-                    break
-                if ft > t + tol:
-                    break
+            try:
+                c.seek(int(t / tb), stream=s, backward=True, any_frame=False)
+                for frame in c.decode(s):
+                    ft = float(frame.pts * tb)
+                    if abs(ft - t) < tol:
+                        found = frame.to_ndarray(format="rgb24")
+                        break
+                    if ft > t + tol:
+                        break
+            except av.error.FFmpegError as e:  # damaged packets: name the file and the time, not a traceback
+                raise ConveyorError(path, f"undecodable frame near t={t:.6f} s: {e}") from None
             if found is None:
                 raise ConveyorError(path, f"no frame at t={t:.6f} s")
             out.append(found)
@@ -216,11 +219,16 @@ def sample_keyframes(path: Path, pr: VideoProbe, seg_pts: tuple[int, ...], k: in
         s = c.streams.video[0]
         s.codec_context.thread_count = 1
         for kp in pick_keyframes(seg_pts, pr.keyframes, k):
-            c.seek(kp, stream=s, backward=True, any_frame=False)
-            for frame in c.decode(s):
-                if frame.pts == kp:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    break
-                if frame.pts > kp:
-                    raise ConveyorError(path, f"keyframe at pts {kp} not found after seeking")
+            try:
+                c.seek(kp, stream=s, backward=True, any_frame=False)
+                for frame in c.decode(s):
+                    if frame.pts == kp:
+                        frames.append(frame.to_ndarray(format="rgb24"))
+                        break
+                    if frame.pts > kp:
+                        raise ConveyorError(path, f"keyframe at pts {kp} not found after seeking")
+                else:  # the decoder gave up before reaching it: damaged packets
+                    raise ConveyorError(path, f"keyframe at pts {kp} does not decode")
+            except av.error.FFmpegError as e:
+                raise ConveyorError(path, f"undecodable keyframe at pts {kp}: {e}") from None
     return frames

@@ -1,4 +1,5 @@
-"""`nightly` flow (deployment `nightly`, cron from settings): catch up, compact, deep-check, report.
+"""`nightly` flow (deployment `nightly`, cron from settings): catch up, compact, scrub (and repair), deep-check,
+report.
 
 Catches anything the watcher missed, merges the day's many small files, and runs the full lerobot load
 over the whole store, one source after the other; one failing source does not stop the others.
@@ -15,6 +16,7 @@ from conveyor.settings import load_settings
 from flows.ingest import ingest
 from conveyor.trigger import training_due
 from tasks.ingest import compact_store, trigger_training, validate_deep_task
+from tasks.scrub import scrub_and_repair
 
 
 @flow(name="nightly")
@@ -33,6 +35,8 @@ def nightly(config: str | None = None, compact: bool = True, deep: bool = True) 
             if compact and res["version"]["total_episodes"]:
                 rep = compact_store(src.name, store)
                 row.update(files_before=rep.files_before, files_after=rep.files_after)
+            if settings.scrub.enabled and res["version"]["total_episodes"]:  # after compaction, before training
+                row["scrub"] = scrub_and_repair(src.name, store, config, settings.storage_url)
             if deep and res["version"]["total_episodes"]:
                 validate_deep_task(store, src.path, None)
                 row["deep"] = "ok"
@@ -51,5 +55,6 @@ def nightly(config: str | None = None, compact: bool = True, deep: bool = True) 
     lines += [f"| {n} | {', '.join(f'{k}={v}' for k, v in r.items())} |" for n, r in rows.items()]
     create_markdown_artifact("\n".join(lines), key="nightly-report", description="nightly catch-up run")
     if failed:
-        raise ConveyorError(settings.config_path or "settings", f"nightly run failed for {failed}")
+        raise ConveyorError(settings.config_path or "settings",
+                            "nightly run failed: " + " | ".join(f"{n}: {rows[n]['error']}" for n in failed))
     return rows

@@ -92,9 +92,10 @@ def flow_runs(api_url: str, flow: str, **params) -> list[dict]:
 
 
 def artifacts(api_url: str, key: str) -> list[dict]:
-    status, arts = api(api_url, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}})
+    status, arts = api(api_url, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": [key]}},
+                                                              "sort": "CREATED_DESC"})
     assert status == 200, arts
-    return arts
+    return arts[::-1]  # oldest first: [-1] is the newest
 
 
 # -- watcher, no Prefect ------------------------------------------------------------------------------------

@@ -15,11 +15,12 @@ Handler = Callable[[argparse.Namespace], int]
 
 def build_parser() -> argparse.ArgumentParser:
     from conveyor.cli import backup as cli_backup, service as cli_service, store as cli_store, train as cli_train
+    from conveyor.cli import scrub as cli_scrub
 
     p = argparse.ArgumentParser(prog="conveyor", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="conveyor.toml (default: $CONVEYOR_CONFIG or ./conveyor.toml)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mod in (cli_store, cli_service, cli_train, cli_backup):
+    for mod in (cli_store, cli_service, cli_train, cli_backup, cli_scrub):
         mod.register(sub)
     return p
 
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(handler(args) or 0)
     except ConveyorError as e:
         print(f"conveyor: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a read-only mount, a permission: one line, never a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"conveyor: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("conveyor: interrupted", file=sys.stderr)

@@ -1,0 +1,84 @@
+"""`conveyor scrub STORE` and `conveyor repair STORE [--from URL]` (see `conveyor.scrub`, `conveyor.repair`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from conveyor.cli.store import progress_bar
+from conveyor.errors import ConveyorError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scrub", help="re-read every committed file of STORE against its sha256 (exit 1 on damage)")
+    p.add_argument("store", metavar="STORE", help="store folder, or the name of a store under store_root")
+    p.add_argument("--workers", type=int, default=2, help="hashing threads")
+    p.set_defaults(handler=_scrub)
+
+    r = sub.add_parser("repair", help="restore STORE's damaged or missing files from backup snapshots")
+    r.add_argument("store", metavar="STORE", help="store folder, or the name of a store under store_root")
+    r.add_argument("--from", dest="url", metavar="URL", help="backup repository (default: storage_url)")
+    r.add_argument("--lock-timeout", type=float, default=60.0, help="seconds to wait for another writer")
+    r.set_defaults(handler=_repair)
+
+
+def store_folder(spec: str, config: str | None) -> Path:
+    """A path to a store wins; otherwise a store name under the settings' store_root."""
+    from conveyor.store import is_store
+
+    p = Path(spec).expanduser()
+    if is_store(p):
+        return p.resolve()
+    if "/" not in spec and spec not in (".", ".."):
+        from conveyor.settings import load_settings
+
+        named = load_settings(config).store_path(spec)
+        if is_store(named):
+            return named
+    raise ConveyorError(spec, "not a conveyor store, nor the name of one under store_root")
+
+
+def print_problems(problems) -> None:
+    for d in problems:
+        print(f"  {d.line()}")
+
+
+def _scrub(a: argparse.Namespace) -> int:
+    from conveyor.scrub import scrub
+
+    folder = store_folder(a.store, a.config)
+    with progress_bar("scrubbing", transfer=True) as cb:
+        r = scrub(folder, progress=cb, workers=a.workers)
+    print_problems(r.problems)
+    print(r.summary())
+    return 0 if r.ok else 1
+
+
+def _repair(a: argparse.Namespace) -> int:
+    from conveyor.cli.backup import open_repo
+    from conveyor.repair import repair
+    from conveyor.scrub import format_episodes, scrub
+    from conveyor.settings import load_settings
+
+    folder = store_folder(a.store, a.config)
+    settings = load_settings(a.config)
+    url = a.url or settings.storage_url
+    with progress_bar("scrubbing", transfer=True) as cb:
+        found = scrub(folder, progress=cb)
+    print_problems(found.problems)
+    print(found.summary())
+    if not found.damaged:
+        return 0 if found.ok else 1
+    with open_repo(settings, url) as repo:
+        r = repair(folder, repo, found=found, lock_timeout=a.lock_timeout)
+    for h in r.healed:
+        what = "whole store" if h.whole_store else f"episodes {format_episodes(h.episodes)}" + (
+            f", camera {h.camera}" if h.camera else "")
+        print(f"  HEALED {h.path} ({what}) from {url}@{h.snapshot}")
+    for d in r.lost:
+        print(f"conveyor: error: {folder / d.path}: LOST, {d.holds()}; left as is ({d.detail})", file=sys.stderr)
+    with progress_bar("scrubbing", transfer=True) as cb:
+        after = scrub(folder, progress=cb)
+    print(f"repaired {len(r.healed)} of {len(found.damaged)} file(s) from {url}, {len(r.lost)} lost; "
+          f"{r.seconds:.2f} s; then {after.summary()}")
+    return 0 if after.ok else 1
