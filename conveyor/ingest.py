@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from conveyor import layout, stats as st
 from conveyor.errors import BadEpisode, ConveyorError
+from conveyor.inventory import record_quarantine
 from conveyor.models import EpisodeMapping, IngestReport, Quarantined
 from conveyor.source import SourceEpisode, V21Source, check_video_length
 from conveyor.store import Commit, Store, is_store
@@ -313,6 +314,7 @@ def ingest(source: str | Path, store: str | Path, *, task: str | None = None, da
         s = Store.open(store_root, create=True)
         with s.lock(timeout=lock_timeout):
             report = _ingest_locked(src, s, task, data_mb, video_mb, progress, max_episodes)
+            record_quarantine(s, report)
     except BaseException:
         if created and not Store(store_root).version.commit:
             shutil.rmtree(store_root, ignore_errors=True)  # leave nothing behind for a failed first ingest
@@ -340,6 +342,7 @@ def _ingest_locked(src: V21Source, s: Store, task, data_mb, video_mb, progress, 
                                               reason=f"content changed after it was ingested as store "
                                                      f"episode {r['episode_index']}"))
     ready, scan = src.scan(skip=set(mine), probe_videos=False)
+    src.check_declared_cameras(ready)
     report.incomplete = scan.incomplete
     for ep_idx, reason in sorted(scan.bad.items()):
         report.quarantined.append(Quarantined(source=source_key, source_episode_index=ep_idx, reason=reason))

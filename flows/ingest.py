@@ -8,10 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from conveyor.settings import load_settings
 from conveyor.trigger import render_parameters, training_due
 from tasks.artifacts import episode_table, quarantine_summary
+from tasks.views import (ingest_run_name, rename_this_run, store_overview, validation_failed,
+                         validation_summary)
 from tasks.ingest import (append_episodes, record_version, trigger_training, validate_deep_task,
                           validate_fast_task)
 
@@ -38,11 +41,24 @@ def ingest(source: str, config: str | None = None, deep: bool = True, train: boo
 
     version = report.version
     new = [m.episode_index for m in report.added]
+    rename_this_run(ingest_run_name(src.name, report))
     if new:
-        validate_fast_task(store, src.path, new)
-        if deep:
-            validate_deep_task(store, src.path, new)
+        try:
+            fast = validate_fast_task(store, src.path, new)
+            deep_report = validate_deep_task(store, src.path, new) if deep else None
+        except Exception as e:
+            validation_failed(src.name, version.commit, e)
+            raise
+        validation_summary(src.name, version.commit, fast, deep_report,
+                           "" if deep else "Deep check (lerobot load): not run here; when the watch flow "
+                                           "started this run, it adds the deep verdict here when done.")
         record_version(src.name, store, version)
+
+    if new or report.quarantined:
+        try:
+            store_overview(src.name, store)
+        except Exception as e:  # noqa: BLE001 - a picture must never fail an ingest
+            log.warning("store overview artifact not updated: %s", e)
 
     run_id = None
     before = version.total_episodes - len(new)
@@ -57,4 +73,5 @@ def ingest(source: str, config: str | None = None, deep: bool = True, train: boo
                     src.name)
     return {"source": src.name, "store": str(store), "added": new,
             "quarantined": {q.source_episode_index: q.reason for q in report.quarantined},
-            "incomplete": report.incomplete, "version": version.model_dump(), "training_run": run_id}
+            "incomplete": report.incomplete, "version": version.model_dump(), "training_run": run_id,
+            "run_id": str(flow_run.get_id() or "")}
