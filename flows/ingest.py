@@ -22,11 +22,14 @@ from tasks.ingest import (append_episodes, record_version, trigger_training, val
 @flow(name="ingest", flow_run_name="ingest-{source}")
 def ingest(source: str, config: str | None = None, deep: bool = True, train: bool | None = None,
            nightly: bool = False) -> dict[str, Any]:
-    """Ingest source `source` (a `[[sources]]` name) into `<store_root>/<source>`.
+    """Ingest a source's complete new episodes into its store (the store of the same name under store_root).
 
-    deep: also load the new episodes through lerobot (its own task). train: None follows the
-    `training.policy` setting, True forces a trigger, False never triggers. nightly: the caller is the
-    nightly run (for `policy = "nightly"`).
+    Args:
+        source: the `[[sources]]` name in conveyor.toml.
+        config: conveyor.toml on the worker (empty: $CONVEYOR_CONFIG, else ./conveyor.toml).
+        deep: also load the new episodes through lerobot (its own task).
+        train: empty follows the `training.policy` setting; true always starts training, false never.
+        nightly: the caller is the nightly run (for `policy = "nightly"`).
     """
     log = get_run_logger()
     settings = load_settings(config)

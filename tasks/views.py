@@ -111,7 +111,8 @@ def validation_summary(name: str, commit: int, fast: ValidationReport | None, de
             continue
         frames = sum(int(c.detail.split()[0]) for c in r.checks
                      if c.name.endswith(" frames") and c.detail[:1].isdigit())
-        pixel = sum(1 for c in r.checks if "pixel-identical" in c.name)
+        pixel = sum(len(m.group(1).split(",")) for c in r.checks
+                    if (m := re.search(r"\[([\d, ]+)\] pixel-identical", c.name)))
         rows.append((kind, r, frames, pixel))
     ok = all(r.ok for _, r, _, _ in rows)
     lines = [f"# Validation of `{name}` commit {commit}: {'PASSED' if ok else 'FAILED'}", "",
