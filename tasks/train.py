@@ -93,8 +93,9 @@ def _summary(plan: TrainPlan, r: TrainResult) -> None:
     state = "already finished" if r.already_finished else f"trained steps {r.started_from}->{r.final_step}"
     where = " (downloaded from the archive)" if r.started_from_archive else ""
     lines = [f"# Run `{r.run_name}`: {state}{where}", "", f"- output: `{r.output_dir}`"]
-    if r.loss_plot:
-        lines += [f"- loss curve: `{r.loss_plot}`", "", loss_markdown(r.loss_plot, f"loss curve of {r.run_name}"), ""]
+    picture = loss_markdown(r.loss_plot, f"loss curve of {r.run_name}") if r.loss_plot else ""
+    if picture:
+        lines += [f"- loss curve: `{r.loss_plot}`", "", picture, ""]
     if r.log_path:
         lines.append(f"- log: `{r.log_path}`")
     if plan.archive_url:
@@ -103,7 +104,7 @@ def _summary(plan: TrainPlan, r: TrainResult) -> None:
     if r.path_rewrites:
         lines += ["", "Paths rewritten for this machine:", *[f"- `{c}`" for c in r.path_rewrites]]
     create_markdown_artifact("\n".join(lines), key=f"train-run-{slug(r.run_name)}",
-                             description=f"{r.run_name} at step {r.final_step}")
+                             description=f"{r.run_name} at step {r.final_step}" + (f"\n\n{picture}" if picture else ""))
 
 
 @task(name="evaluate", cache_policy=NONE)

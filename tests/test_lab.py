@@ -342,4 +342,4 @@ def test_config_dump_becomes_one_artifact(prefect_api):
                  {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["train-config-cfg-run"]}}})
     rows = {r["option"]: r["value"] for r in json.loads(art["data"])}
     assert rows["policy.dim_model"] == "512" and rows["dataset.image_transforms.max_num_transforms"] == "3"
-    assert rows["dataset.root"] == "'/data/stores/koch'" and len(rows) == 10
+    assert rows["dataset.root"] == "'/data/stores/koch'" and len(rows) == 11

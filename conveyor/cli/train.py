@@ -129,7 +129,7 @@ def _run_flow(flow, ui: str | None, **params):
     """Run `flow` in this process; print its UI link when it starts; a failure raises the flow's own error."""
     def announce(_flow, run, _state):
         if ui:
-            print(f"run {run.name}: {ui}/runs/flow-run/{run.id}", flush=True)
+            print(f"run {run.name}: {ui}/v2/runs/flow-run/{run.id}?tab=Artifacts", flush=True)
 
     state = flow.with_options(on_running=[announce])(**params, return_state=True)
     if state.is_completed():
