@@ -84,6 +84,23 @@ def test_ui_descriptions_have_no_html_like_placeholders():
     assert "runs/RUN_NAME/" in " ".join(texts)
 
 
+def test_train_form_labels_and_known_stores(tmp_path, monkeypatch):
+    from conveyor.training.request import TrainRequest
+
+    cfg = write_config(tmp_path, "koch_grasp")
+    (tmp_path / "stores/older/.conveyor").mkdir(parents=True)
+    monkeypatch.setenv("CONVEYOR_CONFIG", str(cfg))
+    form = TrainRequest.model_json_schema()["properties"]
+    assert form["store"]["description"].endswith("Known stores: koch_grasp, older.")
+    assert form["vlm_model_name"]["title"] == "VLM model name"
+    for name in ("policy_path", "vlm_model_name", "run_name", "output_dir", "archive_url", "dataset_version",
+                 "batch_size"):
+        assert "anyOf" not in form[name] and form[name]["type"] in ("string", "integer"), name  # no type toggle
+    assert TrainRequest(store="s", vlm_model_name="", batch_size="", run_name="").vlm_model_name is None
+    notes = [n for n, f in form.items() if re.search(r"`<|settings\.|policy_path|UI", f.get("description", ""))]
+    assert not notes, notes  # written for the person filling in the form
+
+
 # -- bug 5: every command that takes a store takes its name -----------------------------------------------
 
 def test_store_commands_take_a_name_or_a_path(tmp_path, capsys, monkeypatch):

@@ -27,13 +27,31 @@ def _no_toggle(kind: str):
     return fix
 
 
+def _known_stores(schema: dict) -> None:
+    """Name the stores in the form's store field: the configured sources' stores and those under store_root
+    when the schema is made, i.e. when `conveyor up` (or `prefect deploy`) registers the deployment."""
+    try:
+        from conveyor.settings import load_settings
+        from conveyor.store import is_store
+
+        settings = load_settings()
+        names = {s.name for s in settings.sources}
+        if settings.store_root.is_dir():
+            names |= {p.name for p in settings.store_root.iterdir() if is_store(p)}
+    except Exception:  # noqa: BLE001 - no settings here: the description alone
+        return
+    if names:
+        schema["description"] += f" Known stores: {', '.join(sorted(names))}."
+        schema["examples"] = sorted(names)
+
+
 class TrainRequest(BaseModel):
     """What to train, on which data, and where the checkpoints go."""
 
     model_config = ConfigDict(extra="forbid")
 
     store: str = Field(
-        title="Store",
+        title="Store", json_schema_extra=_known_stores,
         description="The dataset to train on: a store name (a folder under store_root, e.g. `koch_grasp`) or "
                     "the path of a LeRobot v3.0 dataset folder on the training machine.")
     dataset_version: str | None = Field(
