@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser("restore", help="rebuild a snapshot byte-identical into a folder")
     r.add_argument("url", metavar="URL[@SNAPSHOT]", help="SNAPSHOT: TARGET, TARGET/STAMP, a stamp prefix or latest")
-    r.add_argument("dst", type=Path, metavar="DST", help="folder to restore into (created; must be empty without --force)")
+    r.add_argument("dst", type=Path, metavar="DST",
+                   help="folder to restore into (created; must be empty without --force)")
     r.add_argument("--force", action="store_true", help="write into a non-empty DST (files in the snapshot are replaced)")
     r.set_defaults(handler=_restore)
 

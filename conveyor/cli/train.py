@@ -114,11 +114,11 @@ class _NoTraceback:
 def _quiet_prefect_console() -> None:
     import logging
 
-    import prefect.logging.configuration  # noqa: F401 - sets up Prefect's handlers
-    from prefect.logging.configuration import setup_logging
+    from prefect.logging import configuration
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    setup_logging()
+    if not configuration.PROCESS_LOGGING_CONFIG:
+        configuration.setup_logging()
     for name in ("prefect", "prefect.server.api.server", ""):
         for h in logging.getLogger(name).handlers:
             if isinstance(h, PrefectConsoleHandler) and not any(isinstance(f, _NoTraceback) for f in h.filters):
