@@ -200,7 +200,7 @@ class ConfigDump:
         else:
             self.lines.append(line)
         try:
-            cfg = ast.literal_eval("\n".join(self.lines))
+            cfg = ast.literal_eval(_literal("\n".join(self.lines)))
         except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
             return
         self.lines = None
@@ -223,6 +223,15 @@ class ConfigDump:
             self.on_line(self.head)
             for ln in lines[1:]:
                 self.on_line(ln)
+
+
+def _literal(text: str) -> str:
+    """pformat output as a Python literal: enum members (`<NormalizationMode.MEAN_STD: 'MEAN_STD'>`) become
+    their value, paths (`PosixPath('/x')`) their text, other `<...>` reprs a string."""
+    text = re.sub(r"<[A-Za-z_][\w.]*: ('[^'<>]*'|\"[^\"<>]*\"|[^<>'\"]*)>",
+                  lambda m: m.group(1) if m.group(1)[:1] in "'\"" else repr(m.group(1)), text)
+    text = re.sub(r"\b\w*Path\(('[^']*'|\"[^\"]*\")\)", r"\1", text)
+    return re.sub(r"<[^<>'\"\n]*>", lambda m: repr(m.group(0)), text)
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, str]]:

@@ -332,7 +332,13 @@ def test_config_dump_becomes_one_artifact(prefect_api):
 
     from tasks.views import ConfigDump
 
-    cfg = {"batch_size": 8, "policy": {"type": "act", "dim_model": 512, "optimizer_lr": 1e-05},
+    import enum
+
+    class Mode(enum.Enum):
+        MEAN_STD = "MEAN_STD"
+
+    cfg = {"batch_size": 8, "policy": {"type": "act", "dim_model": 512, "optimizer_lr": 1e-05,
+                                       "normalization_mapping": {"VISUAL": Mode.MEAN_STD}},
            "dataset": {"repo_id": "lab/koch", "root": "/data/stores/koch", "video_backend": "pyav",
                        "image_transforms": {"enable": False, "max_num_transforms": 3}}, "job_name": "act",
            "steps": 5}
@@ -359,4 +365,5 @@ def test_config_dump_becomes_one_artifact(prefect_api):
                  {"artifacts": {"flow_run_id": {"any_": [run_id]}, "key": {"any_": ["train-config-cfg-run"]}}})
     rows = {r["option"]: r["value"] for r in json.loads(art["data"])}
     assert rows["policy.dim_model"] == "512" and rows["dataset.image_transforms.max_num_transforms"] == "3"
-    assert rows["dataset.root"] == "'/data/stores/koch'" and len(rows) == 11
+    assert rows["dataset.root"] == "'/data/stores/koch'" and len(rows) == 12
+    assert rows["policy.normalization_mapping.VISUAL"] == "'MEAN_STD'"  # lerobot prints enum members
