@@ -106,17 +106,21 @@ def test_train_form_labels_and_known_stores(tmp_path, monkeypatch):
 def test_store_commands_take_a_name_or_a_path(tmp_path, capsys, monkeypatch):
     cfg = write_config(tmp_path)
     write_recording(tmp_path / "rec", episodes=2, lengths=5, spec=SPEC)
-    monkeypatch.chdir(tmp_path / "rec")  # names resolve under store_root, not the working folder
+    monkeypatch.chdir(tmp_path)  # ./rec is the recording: the name `rec` still means the store
     c = ["--config", str(cfg)]
-    assert main(c + ["ingest", str(tmp_path / "rec"), "lab"]) == 0
-    assert (tmp_path / "stores/lab/.conveyor").is_dir()
-    assert main(c + ["validate", "lab"]) == 0
-    assert main(c + ["compact", "lab"]) == 0
-    assert main(c + ["show", "lab", "--json"]) == 0
-    assert main(c + ["validate", str(tmp_path / "stores/lab")]) == 0
+    assert main(c + ["ingest", "rec", "rec"]) == 0
+    assert (tmp_path / "stores/rec/.conveyor").is_dir() and not (tmp_path / "rec/.conveyor").exists()
+    assert main(c + ["validate", "rec"]) == 0
+    assert main(c + ["compact", "rec"]) == 0
+    assert main(c + ["show", "rec", "--json"]) == 0
+    assert main(c + ["validate", str(tmp_path / "stores/rec")]) == 0
+    assert main(c + ["convert", "rec", "copy"]) == 0 and (tmp_path / "stores/copy/.conveyor").is_dir()
     capsys.readouterr()
     assert main(c + ["validate", "nope"]) == 1
     assert "not a conveyor store" in one_error_line(capsys)
+    write_recording(tmp_path / "raw", episodes=1, lengths=3, spec=SPEC)
+    assert main(c + ["validate", "raw"]) == 1  # no store of that name: the folder here, said for what it is
+    assert "v2.1 recording" in one_error_line(capsys)
 
 
 # -- bug 6: declared camera streams must match the files ----------------------------------------------------

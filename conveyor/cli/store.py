@@ -60,22 +60,21 @@ def print_validation(r: ValidationReport, verbose: bool) -> None:
 def resolve_store(args: argparse.Namespace, spec: str | Path, new: bool = False) -> Path:
     """STORE as the user types it: a folder path, or a name under store_root (`conveyor validate demo`).
 
-    A store folder at the path wins; then a store of that name under store_root; a bare name that is
-    neither goes under store_root when `new` (ingest, convert), else the path is returned for the
-    command to refuse with its own message.
+    Anything with a `/` is a path. A bare name is a store under store_root, unless a store of that name
+    is in the working folder; a new store (`new`: ingest, convert) of a bare name goes under store_root.
+    A bare name that is no store but a folder here is returned as that folder, for the command to say
+    what it is (`conveyor validate rec` -> "a v2.1 recording").
     """
     from conveyor.store import is_store
 
     p = Path(spec).expanduser()
-    if is_store(p):
-        return p
     text = str(spec)
-    if "/" in text or text in (".", "..") or text.startswith("~"):
+    if "/" in text or text in (".", "..") or text.startswith("~") or is_store(p):
         return p
     from conveyor.settings import load_settings
 
     named = load_settings(getattr(args, "config", None)).store_path(text)
-    if is_store(named) or (new and not p.exists()):
+    if is_store(named) or new or not p.exists():
         return named
     return p
 
