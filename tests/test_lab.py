@@ -261,7 +261,7 @@ def test_train_error_is_one_line_and_the_run_is_linked(prefect_api, tmp_path):
     assert errors == [errors[0]] and errors[0].startswith("conveyor: error: nope: no store named"), r.stderr
     assert "temporary server" not in r.stderr
     ui = prefect_api.removesuffix("/api")
-    assert re.search(re.escape(ui) + r"/runs/flow-run/[0-9a-f-]{36}", r.stdout), r.stdout
+    assert re.search(re.escape(ui) + r"/v2/runs/flow-run/[0-9a-f-]{36}", r.stdout), r.stdout
 
 
 # -- the ingest run's artifacts and name ------------------------------------------------------------------------
