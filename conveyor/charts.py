@@ -15,28 +15,32 @@ def store_png(detail: StoreDetail) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (grow, hist) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90)
     commits = [v.commit for v in detail.versions]
-    grow.step(commits, [v.total_episodes for v in detail.versions], where="post", color="tab:blue",
-              label="episodes")
+    grow.bar(commits, [v.total_episodes for v in detail.versions], color="tab:blue", alpha=0.6, width=0.8)
     grow.set_xlabel("commit")
     grow.set_ylabel("episodes", color="tab:blue")
     grow.set_title(f"{detail.name}: {detail.episodes} episodes, {detail.hours * 60:.1f} min")
-    grow.grid(alpha=0.3)
+    grow.grid(alpha=0.3, axis="y")
+    grow.yaxis.set_major_locator(MaxNLocator(integer=True))
     if commits:
-        grow.set_xticks(commits if len(commits) <= 12 else commits[:: max(1, len(commits) // 12)])
-    hours = grow.twinx()
+        step = max(1, len(commits) // 12)
+        grow.set_xticks(commits[::step])
+    minutes = grow.twinx()
     fps = detail.fps or 1
-    hours.step(commits, [v.total_frames / fps / 60 for v in detail.versions], where="post", color="tab:orange",
-               alpha=0.7, label="minutes")
-    hours.set_ylabel("minutes recorded", color="tab:orange")
+    minutes.plot(commits, [v.total_frames / fps / 60 for v in detail.versions], color="tab:orange", marker="o",
+                 markersize=3 if len(commits) < 40 else 0)
+    minutes.set_ylabel("minutes recorded", color="tab:orange")
+    minutes.set_ylim(bottom=0)
     seconds = [n / fps for n in detail.lengths.frames]
-    hist.hist(seconds or [0], bins=min(20, max(1, len(set(seconds)))), color="tab:green", alpha=0.8)
+    hist.hist(seconds or [0], bins="auto", color="tab:green", alpha=0.8, rwidth=0.9)
     hist.set_xlabel("episode length (s)")
     hist.set_ylabel("episodes")
     hist.set_title("episode lengths")
-    hist.grid(alpha=0.3)
+    hist.grid(alpha=0.3, axis="y")
+    hist.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

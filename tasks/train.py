@@ -95,7 +95,7 @@ def _summary(plan: TrainPlan, r: TrainResult) -> None:
     lines = [f"# Run `{r.run_name}`: {state}{where}", "", f"- output: `{r.output_dir}`"]
     picture = loss_markdown(r.loss_plot, f"loss curve of {r.run_name}") if r.loss_plot else ""
     if picture:
-        lines += [f"- loss curve: `{r.loss_plot}`", "", picture, ""]
+        lines.append(f"- loss curve (above): `{r.loss_plot}`")
     if r.log_path:
         lines.append(f"- log: `{r.log_path}`")
     if plan.archive_url:

@@ -76,7 +76,7 @@ def store_overview(name: str, store_path: Path) -> str:
     picture = png_markdown(store_png(d), f"{name}: episodes over commits and episode lengths")
     lines = [f"# Store `{name}`: {d.episodes} episodes, {d.frames} frames, {d.hours * 60:.1f} min",
              "", f"Version {d.version}, last commit {d.last_commit:%Y-%m-%d %H:%M:%S %Z}" if d.last_commit else "",
-             f"{d.size_bytes / 1e6:.1f} MB at `{d.path}`.", "", picture, ""]
+             f"{d.size_bytes / 1e6:.1f} MB at `{d.path}`.", ""]
     if d.cameras:
         lines += ["| camera | resolution | codec | fps |", "| --- | --- | --- | --- |"]
         lines += [f"| {c.key} | {c.width}x{c.height} | {c.codec or '-'} {c.pix_fmt or ''} | {c.fps:g} |"
@@ -94,7 +94,8 @@ def store_overview(name: str, store_path: Path) -> str:
         lines += [f"**{len(d.quarantined)} quarantined episode(s):**", "",
                   "| source episode | reason |", "| --- | --- |"]
         lines += [f"| {q.source_episode_index} | {md_text(q.reason)} |" for q in d.quarantined]
-    # the picture goes in the description too: the run page's artifact cards render the description only
+    # the picture goes in the description: the run page's artifact cards show the description only, and the
+    # artifact page shows it above the body (kept once: every commit stores a new version)
     create_markdown_artifact("\n".join(lines), key=f"store-{slug(name)}",
                              description=f"{name}: {d.episodes} episodes, {d.hours * 60:.1f} min, {d.version}"
                                          f"\n\n{picture}")

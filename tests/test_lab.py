@@ -294,7 +294,7 @@ def test_ingest_run_reads_as_history_with_validation_store_and_progress_artifact
     assert "PASSED" in check["data"] and "| fast | pass |" in check["data"]
     assert re.search(r"\| fast \| pass \| \d+ \| 3 \| 27 \| 9 \|", check["data"]), check["data"]
     overview = arts[f"store-{name}"]
-    assert "data:image/png;base64," in overview["data"] and "3 episodes" in overview["data"]
+    assert "data:image/png;base64," in overview["description"] and "3 episodes" in overview["data"]
     assert "corrupt parquet" in overview["data"]
 
     # nothing new: the name says so, the progress still ends at 100 %
