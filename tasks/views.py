@@ -74,9 +74,9 @@ def store_overview(name: str, store_path: Path) -> str:
 
     d = describe(Path(store_path), name)
     picture = png_markdown(store_png(d), f"{name}: episodes over commits and episode lengths")
-    lines = [f"# Store `{name}`: {d.episodes} episodes, {d.frames} frames, {d.hours * 60:.1f} min",
-             "", f"Version {d.version}, last commit {d.last_commit:%Y-%m-%d %H:%M:%S %Z}" if d.last_commit else "",
-             f"{d.size_bytes / 1e6:.1f} MB at `{d.path}`.", ""]
+    when = f", last commit {d.last_commit:%Y-%m-%d %H:%M:%S %Z}" if d.last_commit else ""
+    lines = [f"# Store `{name}`: {d.episodes} episodes, {d.frames} frames, {d.hours * 60:.1f} min", "",
+             f"Version {d.version}{when}; {d.size_bytes / 1e6:.1f} MB at `{d.path}`.", ""]
     if d.cameras:
         lines += ["| camera | resolution | codec | fps |", "| --- | --- | --- | --- |"]
         lines += [f"| {c.key} | {c.width}x{c.height} | {c.codec or '-'} {c.pix_fmt or ''} | {c.fps:g} |"
