@@ -302,12 +302,11 @@ def test_ingest_run_reads_as_history_with_validation_store_and_progress_artifact
     assert _api(prefect_api, "GET", f"/flow_runs/{res['run_id']}")["name"] == f"{name} nothing new (c1), 1 quarantined"
 
 
-def test_deep_check_verdict_lands_on_the_ingest_run(prefect_api, tmp_path):
-    from prefect import flow
+def test_watch_deep_check_verdict_lands_on_the_ingest_run(prefect_api, tmp_path):
+    from prefect import flow, get_run_logger
 
     from conveyor.ingest import convert
-    from conveyor.validate import validate_deep
-    from tasks.views import validation_summary
+    from flows.watch import _DeepChecks
 
     store = tmp_path / "s"
     convert(write_recording(tmp_path / "rec", episodes=2, lengths=5, spec=SPEC), store)
@@ -318,15 +317,18 @@ def test_deep_check_verdict_lands_on_the_ingest_run(prefect_api, tmp_path):
         return flow_run.get_id()
 
     @flow(name="lab-watch-stand-in")
-    def watch_run(target: str) -> None:
-        validation_summary("lab-deep", 1, None, validate_deep(store, against=tmp_path / "rec"),
-                           "Deep check run by the watch flow.", target)
+    def watch_run(target: str) -> int:
+        checks = _DeepChecks(get_run_logger())  # the watch flow's own deferred deep check
+        checks.add("lab-deep", store, tmp_path / "rec", [0, 1], target)
+        checks.drain()
+        return checks.failed
 
     target = ingest_run()
-    watch_run(target)
+    assert watch_run(target) == 0
     [art] = _api(prefect_api, "POST", "/artifacts/filter",
                  {"artifacts": {"flow_run_id": {"any_": [target]}, "key": {"any_": ["validation-lab-deep"]}}})
-    assert "| deep | pass |" in art["data"] and "pixel" in art["data"]
+    assert "PASSED" in art["data"] and "| deep | pass |" in art["data"] and "watch flow" in art["data"]
+    assert re.search(r"\| deep \| pass \| \d+ \| 2 \| 10 \| 6 \|", art["data"]), art["data"]
 
 
 def test_config_dump_becomes_one_artifact(prefect_api):
