@@ -15,6 +15,7 @@ from conveyor.settings import load_settings
 from flows.ingest import ingest
 from conveyor.trigger import render_parameters, training_due
 from tasks.ingest import compact_store, trigger_training, validate_deep_task
+from tasks.views import store_overview
 
 
 @flow(name="nightly")
@@ -33,6 +34,8 @@ def nightly(config: str | None = None, compact: bool = True, deep: bool = True) 
             if compact and res["version"]["total_episodes"]:
                 rep = compact_store(src.name, store)
                 row.update(files_before=rep.files_before, files_after=rep.files_after)
+                if rep.rewritten:
+                    store_overview(src.name, store)  # a compaction is a commit: the store artifact follows
             if deep and res["version"]["total_episodes"]:
                 validate_deep_task(store, src.path, None)
                 row["deep"] = "ok"
