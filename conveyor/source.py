@@ -128,9 +128,11 @@ class V21Source:
         return [self.parquet_path(ep)] + [self.video_path(ep, k) for k in self.video_keys]
 
     def check_declared_cameras(self, ready: list[SourceEpisode]) -> None:
-        """Refuse declared camera streams the first complete episode's files do not have (see below)."""
-        if ready:
-            check_declared_cameras(self, ready[0])
+        """Refuse declared camera streams the first complete, readable episode's files do not have (see
+        below); an episode whose video does not open is left for ingest to quarantine."""
+        for episode in ready:
+            if check_declared_cameras(self, episode):
+                return
 
     # -- completeness ---------------------------------------------------------------------------------
 
@@ -209,15 +211,19 @@ def scan_source(path: str | Path) -> SourceScan:
     return V21Source.open(path).scan()[1]
 
 
-def check_declared_cameras(src: V21Source, episode: SourceEpisode) -> None:
+def check_declared_cameras(src: V21Source, episode: SourceEpisode) -> bool:
     """Refuse a source whose info.json declares camera streams its files do not have (one line, the camera).
 
     Checked on `episode` (the first complete one) before anything is written, because the store copies
     the declared shape into its own info.json and lerobot and the policy trust it over the pixels.
+    False when one of its videos does not open (a broken episode: ingest quarantines it).
     """
+    headers = {key: _stream_header(path) for key, path in episode.videos.items()}
+    if any(h is None for h in headers.values()):
+        return False
     for key, path in episode.videos.items():
         declared = _declared_stream(src.features[key])
-        actual = _stream_header(path)
+        actual = headers[key]
         wrong = [f"{what} {declared[what]:g} declared, {actual[what]:g} in the file" if what == "fps"
                  else f"{what} {declared[what]} declared, {actual[what]} in the file"
                  for what in ("height", "width", "fps", "pix_fmt") if what in declared and actual[what] is not None
@@ -227,6 +233,7 @@ def check_declared_cameras(src: V21Source, episode: SourceEpisode) -> None:
         if wrong:
             raise ConveyorError(src.root / "meta" / "info.json",
                                 f"camera {key}: {'; '.join(wrong)} ({path.relative_to(src.root)})")
+    return True
 
 
 def _declared_stream(feature: dict) -> dict:
@@ -252,21 +259,21 @@ def _declared_stream(feature: dict) -> dict:
     return out
 
 
-def _stream_header(path: Path) -> dict:
-    """The first video stream's header (no packets read)."""
+def _stream_header(path: Path) -> dict | None:
+    """The first video stream's header (no packets read); None when the file does not open as a video."""
     import av
 
     try:
         with av.open(str(path)) as c:
             if not c.streams.video:
-                raise ConveyorError(path, "no video stream")
+                return None
             s = c.streams.video[0]
             rate = s.average_rate or s.guessed_rate
             return {"height": s.codec_context.height, "width": s.codec_context.width,
                     "fps": round(float(rate), 3) if rate else None, "pix_fmt": s.codec_context.pix_fmt,
                     "codec": s.codec_context.name, "codec_id": s.codec_context.codec.id}
-    except av.error.FFmpegError as e:
-        raise ConveyorError(path, f"cannot open video: {e}") from None
+    except (av.error.FFmpegError, OSError):
+        return None
 
 
 def _same_codec(declared: str, actual: str) -> bool:

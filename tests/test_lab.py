@@ -148,6 +148,21 @@ def test_declared_camera_stream_the_files_lack_is_refused(tmp_path, capsys, chan
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_declared_cameras_are_checked_on_the_first_readable_episode(tmp_path, capsys):
+    rec = write_recording(tmp_path / "rec", episodes=2, lengths=4, spec=SPEC)
+    broken = rec / "videos/chunk-000/observation.images.cam/episode_000000.mp4"
+    broken.write_bytes(b"not a video")
+    assert main(["convert", str(rec), str(tmp_path / "ok")]) == 1  # episode 0 quarantined, episode 1 lands
+    assert (tmp_path / "ok/.conveyor").is_dir() and "episode_000000.mp4" in capsys.readouterr().err
+    info_path = rec / "meta/info.json"
+    info = json.loads(info_path.read_text())
+    info["features"]["observation.images.cam"]["info"]["video.fps"] = 30.0
+    info_path.write_text(json.dumps(info, indent=4))
+    assert main(["convert", str(rec), str(tmp_path / "bad")]) == 1
+    assert "fps 30 declared, 10 in the file (videos/chunk-000/observation.images.cam/episode_000001.mp4)" \
+        in one_error_line(capsys)
+
+
 def test_av1_declared_and_decoded_by_another_decoder_is_the_same_codec(tmp_path):
     from conveyor.source import V21Source
 
