@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from conveyor import layout, sizing, stats as st
 from conveyor.episodes import write_episodes
+from conveyor.inventory import record_quarantine
 from conveyor.errors import ConveyorError
 from conveyor.ledger import LedgerRecord
 from conveyor.prepare import LOAD_THREADS, Prepared, load_ahead, prepare_episode
@@ -54,6 +55,7 @@ def ingest(source: str | Path, store: str | Path, *, task: str | None = None, da
         s = Store.open(store_root, create=True)
         with s.lock(timeout=lock_timeout):
             report = _ingest_locked(src, s, task, data_mb, video_mb, progress, max_episodes)
+            record_quarantine(s, report)
     except BaseException:
         if created and not Store(store_root).version.commit:
             shutil.rmtree(store_root, ignore_errors=True)  # leave nothing behind for a failed first ingest
@@ -154,6 +156,7 @@ def plan_from_ledger(src: V21Source, s: Store, task, data_mb, video_mb, max_epis
                                             f"{r.episode_index}")
                       for ep, r in sorted(mine.items()) if src.changed_since(ep, r.files, r.content_hash)]
     ready, scan = src.scan(skip=set(mine), probe_videos=False)
+    src.check_declared_cameras(ready)
     report.incomplete = scan.incomplete
     report.quarantined = [_quarantined(src, ep, reason) for ep, reason in sorted(scan.bad.items())]
     return Plan(src, info, task, ready[:max_episodes] if max_episodes is not None else ready, report)

@@ -151,6 +151,14 @@ class Store:
         if not store.dot.is_dir():
             if not create:
                 if (root / layout.INFO).exists():
+                    try:
+                        version = json.loads((root / layout.INFO).read_text(encoding="utf-8")).get("codebase_version")
+                    except (OSError, ValueError, AttributeError):
+                        version = None
+                    if version != layout.CODEBASE_VERSION:
+                        raise ConveyorError(root, f"a {version or 'LeRobot'} recording, not a conveyor store; make "
+                                                  f"one with `conveyor convert {root} DST` or `conveyor ingest "
+                                                  f"{root} STORE`")
                     raise ConveyorError(root, "a v3.0 dataset, but not a conveyor store (no .conveyor/); "
                                               "convert the v2.1 source with `conveyor convert` instead")
                 raise ConveyorError(root, "not a conveyor store (no .conveyor/ folder)")

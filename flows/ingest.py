@@ -8,10 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from conveyor.settings import load_settings
 from conveyor.trigger import training_due
 from tasks.artifacts import episode_table, quarantine_summary
+from tasks.views import (ingest_run_name, rename_this_run, store_overview, validation_failed,
+                         validation_summary)
 from tasks.ingest import (append_episodes, record_version, trigger_training, validate_deep_task,
                           validate_fast_task)
 
@@ -19,11 +22,14 @@ from tasks.ingest import (append_episodes, record_version, trigger_training, val
 @flow(name="ingest", flow_run_name="ingest-{source}")
 def ingest(source: str, config: str | None = None, deep: bool = True, train: bool | None = None,
            nightly: bool = False) -> dict[str, Any]:
-    """Ingest source `source` (a `[[sources]]` name) into `<store_root>/<source>`.
+    """Ingest a source's complete new episodes into its store (the store of the same name under store_root).
 
-    deep: also load the new episodes through lerobot (its own task). train: None follows the
-    `training.policy` setting, True forces a trigger, False never triggers. nightly: the caller is the
-    nightly run (for `policy = "nightly"`).
+    Args:
+        source: the `[[sources]]` name in conveyor.toml.
+        config: conveyor.toml on the worker (empty: $CONVEYOR_CONFIG, else ./conveyor.toml).
+        deep: also load the new episodes through lerobot (its own task).
+        train: empty follows the `training.policy` setting; true always starts training, false never.
+        nightly: the caller is the nightly run (for `policy = "nightly"`).
     """
     log = get_run_logger()
     settings = load_settings(config)
@@ -38,11 +44,24 @@ def ingest(source: str, config: str | None = None, deep: bool = True, train: boo
 
     version = report.version
     new = [m.episode_index for m in report.added]
+    rename_this_run(ingest_run_name(src.name, report))
     if new:
-        validate_fast_task(store, src.path, new)
-        if deep:
-            validate_deep_task(store, src.path, new)
+        try:
+            fast = validate_fast_task(store, src.path, new)
+            deep_report = validate_deep_task(store, src.path, new) if deep else None
+        except Exception as e:
+            validation_failed(src.name, version.commit, e)
+            raise
+        validation_summary(src.name, version.commit, fast, deep_report,
+                           "" if deep else "Deep check (lerobot load): not run here; when the watch flow "
+                                           "started this run, it adds the deep verdict here when done.")
         record_version(src.name, store, version)
+
+    if new or report.quarantined:
+        try:
+            store_overview(src.name, store)
+        except Exception as e:  # noqa: BLE001 - a picture must never fail an ingest
+            log.warning("store overview artifact not updated: %s", e)
 
     run_id = None
     before = version.total_episodes - len(new)
@@ -55,4 +74,5 @@ def ingest(source: str, config: str | None = None, deep: bool = True, train: boo
                     src.name)
     return {"source": src.name, "store": str(store), "added": new,
             "quarantined": {q.source_episode_index: q.reason for q in report.quarantined},
-            "incomplete": report.incomplete, "version": version.model_dump(), "training_run": run_id}
+            "incomplete": report.incomplete, "version": version.model_dump(), "training_run": run_id,
+            "run_id": str(flow_run.get_id() or "")}

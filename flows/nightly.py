@@ -17,6 +17,7 @@ from flows.ingest import ingest
 from conveyor.trigger import training_due
 from tasks.ingest import compact_store, trigger_training, validate_deep_task
 from tasks.scrub import scrub_and_repair
+from tasks.views import store_overview
 
 
 @flow(name="nightly")
@@ -35,6 +36,8 @@ def nightly(config: str | None = None, compact: bool = True, deep: bool = True) 
             if compact and res["version"]["total_episodes"]:
                 rep = compact_store(src.name, store)
                 row.update(files_before=rep.files_before, files_after=rep.files_after)
+                if rep.rewritten:
+                    store_overview(src.name, store)  # a compaction is a commit: the store artifact follows
             if settings.scrub.enabled and res["version"]["total_episodes"]:  # after compaction, before training
                 row["scrub"] = scrub_and_repair(src.name, store, config, settings.storage_url)
             if deep and res["version"]["total_episodes"]:

@@ -20,7 +20,9 @@ from tasks.train import evaluate_task, preflight_task, run_task
 def train(request: TrainRequest, config: str | None = None) -> dict[str, Any]:
     """Train a policy on a store with lerobot-train; archive checkpoints; resume on retry.
 
-    config: conveyor.toml on the worker (default: $CONVEYOR_CONFIG or ./conveyor.toml).
+    Args:
+        request: what to train, on which data, and where the checkpoints go.
+        config: conveyor.toml on the training machine (empty: $CONVEYOR_CONFIG, else ./conveyor.toml).
     """
     run_name = request.run_name or default_run_name(request, (flow_run.get_id() or "local")[:8])
     try:

@@ -21,6 +21,7 @@ from conveyor.settings import load_settings
 from conveyor.watcher import EpisodeWatcher
 from flows.ingest import ingest
 from tasks.ingest import validate_deep_task
+from tasks.views import report_deep_check
 
 _STOP = threading.Event()
 
@@ -37,22 +38,27 @@ class _DeepChecks:
         self.log = log
         self.pending: dict[str, tuple[Path, Path, list[int]]] = {}
         self.running: dict[str, PrefectFuture] = {}
+        self.runs: dict[str, list[str]] = {}  # ingest runs whose episodes a store's next/current check covers
+        self.checking: dict[str, list[str]] = {}
         self.failed = 0
 
-    def add(self, name: str, store: Path, source: Path, episodes: list[int]) -> None:
+    def add(self, name: str, store: Path, source: Path, episodes: list[int], ingest_run: str = "") -> None:
         _, _, eps = self.pending.get(name, (store, source, []))
         self.pending[name] = (store, source, eps + episodes)
+        self.runs.setdefault(name, []).extend([ingest_run] if ingest_run else [])
         self.tick()
 
     def tick(self) -> None:
         for name, fut in list(self.running.items()):
             if fut.state.is_final():
                 del self.running[name]
+                report_deep_check(name, fut, self.checking.pop(name, []), self.log)
                 if not fut.state.is_completed():
                     self.failed += 1
                     self.log.error("%s: deep validation failed: %s", name, fut.state.message)
         for name in [n for n in self.pending if n not in self.running]:
             store, source, eps = self.pending.pop(name)
+            self.checking[name] = self.runs.pop(name, [])
             self.running[name] = validate_deep_task.submit(store, source, eps)
 
     def drain(self) -> None:
@@ -86,7 +92,7 @@ def watch(config: str | None = None, sources: list[str] | None = None, deep: boo
         runs += 1
         res = ingest(source=name, config=config, deep=False)  # a failure raises: offered again later
         if deep and res["added"]:
-            deep_checks.add(name, settings.store_path(name), by_name[name].path, res["added"])
+            deep_checks.add(name, settings.store_path(name), by_name[name].path, res["added"], res.get("run_id", ""))
 
     def on_error(name: str, e: Exception) -> None:
         log.warning("%s: %s", name, e)

@@ -19,6 +19,7 @@ from conveyor.settings import TrainTriggerSettings
 from conveyor.trigger import idempotency_key, render_parameters
 from tasks.artifacts import Progress, slug, version_record
 from tasks.retry import RETRY
+from tasks.views import ingest_done_text
 
 
 def store_limit(store_name: str) -> str:
@@ -38,6 +39,7 @@ def append_episodes(source_name: str, source_path: Path, store_path: Path, task_
     with concurrency(store_limit(source_name), occupy=1):
         report = core_ingest(Path(source_path), Path(store_path), task=task_text, data_mb=data_mb,
                              video_mb=video_mb, progress=progress)
+    progress(1, 1, ingest_done_text(report))
     log.info("%s: %d new episode(s), %d already in the store, %d quarantined, %d still recording -> commit %s "
              "(%d episodes, %.2f s)", source_name, len(report.added), report.already, len(report.quarantined),
              len(report.incomplete), report.version.commit, report.version.total_episodes, report.seconds)

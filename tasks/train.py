@@ -15,6 +15,7 @@ from conveyor.training.preflight import TrainPlan, preflight
 from conveyor.training.request import TrainRequest
 from conveyor.training.lerobot_train import StepMetrics
 from tasks.artifacts import Progress, slug
+from tasks.views import ConfigDump, fresh_start_command, loss_markdown
 
 
 @task(name="train-preflight", cache_policy=NONE)
@@ -25,13 +26,12 @@ def preflight_task(request: TrainRequest, run_name: str, config: str | None = No
     log.info("run %s: %s on %s (%s), recipe %s (%s), batch %d, %d steps, video backend %s", plan.run_name,
              plan.policy_type, plan.dataset_root, plan.dataset_version.short if plan.dataset_version else "no ledger",
              plan.recipe, plan.recipe_reason, plan.batch_size, request.steps, plan.video_backend)
-    args = "\n".join(f"    {a}" for a in plan.args)
     create_markdown_artifact(
         f"# Training plan `{plan.run_name}`\n\n| | |\n| --- | --- |\n| dataset | `{plan.dataset_root}` |\n"
         f"| dataset version | {plan.dataset_version.short if plan.dataset_version else '-'} |\n"
         f"| policy | {plan.policy_type} |\n| recipe | {plan.recipe} ({plan.recipe_reason}) |\n"
         f"| output | `{plan.output_dir}` |\n| archive | `{plan.archive_url or 'off'}` |\n\n"
-        f"Fresh-start command:\n\n    lerobot-train \\\n{args}\n",
+        f"Fresh-start command:\n\n```bash\n{fresh_start_command('lerobot-train', plan.args)}\n```\n",
         key=f"train-plan-{slug(plan.run_name)}", description=f"training plan of {plan.run_name}")
     return plan
 
@@ -48,7 +48,8 @@ def run_task(plan: TrainPlan, config: str | None = None) -> TrainResult:
         progress(m.step, total, f"step {m.step}/{total}, loss {m.loss:.4g}, {m.samples_per_s:.1f} samples/s")
 
     try:
-        result = run_attempt(plan, load_settings(config), log=log.info, on_line=log.info, on_metrics=on_metrics)
+        result = run_attempt(plan, load_settings(config), log=log.info, on_line=ConfigDump(plan.run_name, log.info),
+                             on_metrics=on_metrics)
     finally:
         if rows:
             every = max(1, len(rows) // 50)
@@ -65,8 +66,9 @@ def _summary(plan: TrainPlan, r: TrainResult) -> None:
     state = "already finished" if r.already_finished else f"trained steps {r.started_from}->{r.final_step}"
     where = " (downloaded from the archive)" if r.started_from_archive else ""
     lines = [f"# Run `{r.run_name}`: {state}{where}", "", f"- output: `{r.output_dir}`"]
-    if r.loss_plot:
-        lines.append(f"- loss curve: [{r.loss_plot}](file://{r.loss_plot})")
+    picture = loss_markdown(r.loss_plot, f"loss curve of {r.run_name}") if r.loss_plot else ""
+    if picture:
+        lines.append(f"- loss curve (above): `{r.loss_plot}`")
     if r.log_path:
         lines.append(f"- log: `{r.log_path}`")
     if plan.archive_url:
@@ -75,7 +77,7 @@ def _summary(plan: TrainPlan, r: TrainResult) -> None:
     if r.path_rewrites:
         lines += ["", "Paths rewritten for this machine:", *[f"- `{c}`" for c in r.path_rewrites]]
     create_markdown_artifact("\n".join(lines), key=f"train-run-{slug(r.run_name)}",
-                             description=f"{r.run_name} at step {r.final_step}")
+                             description=f"{r.run_name} at step {r.final_step}" + (f"\n\n{picture}" if picture else ""))
 
 
 @task(name="evaluate", cache_policy=NONE)

@@ -35,7 +35,8 @@ CLI = [sys.executable, "-m", "conveyor.cli"]
 
 def tree_hash(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.endswith(".lock") and p.name != "lock"}
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.endswith(".lock") and p.name != "lock"
+            and p.name != "quarantine.json"}  # ingest's record of refused episodes, not dataset content
 
 
 def store_content(root: Path) -> dict:

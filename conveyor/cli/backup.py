@@ -38,13 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_backup, _parser=p)
 
     s = sub.add_parser("snapshots", help="list the snapshots in a backup repository")
-    s.add_argument("url", nargs="?", metavar="URL", help="default: storage_url")
+    s.add_argument("url", nargs="?", metavar="URL", help="backup repository (default: storage_url)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(handler=_snapshots)
 
     r = sub.add_parser("restore", help="rebuild a snapshot byte-identical into a folder")
     r.add_argument("url", metavar="URL[@SNAPSHOT]", help="SNAPSHOT: TARGET, TARGET/STAMP, a stamp prefix or latest")
-    r.add_argument("dst", type=Path, metavar="DST")
+    r.add_argument("dst", type=Path, metavar="DST",
+                   help="folder to restore into (created; must be empty without --force)")
     r.add_argument("--force", action="store_true", help="write into a non-empty DST (files in the snapshot are replaced)")
     r.set_defaults(handler=_restore)
 

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Start a local Prefect server (SQLite under prefect.home), the work pools, "
                                     "deployments, one worker per pool and the watch flow; Ctrl-C stops it all.")
     up.add_argument("--config", dest="up_config", metavar="FILE", help="conveyor.toml (same as the global --config)")
-    up.add_argument("--port", type=_port, help="Prefect server port (default: prefect.port, 4200)")
+    up.add_argument("--port", type=_port, help="Prefect server and UI port (default: prefect.port, 4200)")
     up.add_argument("--demo", action="store_true",
                     help="also record a small generated dataset into a demo source over a minute")
     up.set_defaults(handler=_up)

@@ -58,6 +58,28 @@ def print_validation(r: ValidationReport, verbose: bool) -> None:
     print(f"{kind} validation of {r.store} {verdict}: {len(r.episodes_checked)} episodes, {r.seconds:.2f} s")
 
 
+def resolve_store(args: argparse.Namespace, spec: str | Path, new: bool = False) -> Path:
+    """STORE as the user types it: a folder path, or a name under store_root (`conveyor validate demo`).
+
+    Anything with a `/` is a path. A bare name is a store under store_root, unless a store of that name
+    is in the working folder; a new store (`new`: ingest, convert) of a bare name goes under store_root.
+    A bare name that is no store but a folder here is returned as that folder, for the command to say
+    what it is (`conveyor validate rec` -> "a v2.1 recording").
+    """
+    from conveyor.store import is_store
+
+    p = Path(spec).expanduser()
+    text = str(spec)
+    if "/" in text or text in (".", "..") or text.startswith("~") or is_store(p):
+        return p
+    from conveyor.settings import load_settings
+
+    named = load_settings(getattr(args, "config", None)).store_path(text)
+    if is_store(named) or new or not p.exists():
+        return named
+    return p
+
+
 def _exit_code(r: IngestReport) -> int:
     """Landed what it could; a bad or changed episode still makes the command fail, naming the file."""
     for q in r.quarantined + r.changed:
@@ -69,8 +91,8 @@ def _convert(a: argparse.Namespace) -> int:
     from conveyor.ingest import convert
 
     with progress_bar("converting") as cb:
-        r = convert(a.src, a.dst, task=a.task, data_mb=a.data_mb, video_mb=a.video_mb, overwrite=a.overwrite,
-                    progress=cb)
+        r = convert(Path(a.src), resolve_store(a, a.dst, new=True), task=a.task, data_mb=a.data_mb,
+                    video_mb=a.video_mb, overwrite=a.overwrite, progress=cb)
     print_ingest(r)
     return _exit_code(r)
 
@@ -79,7 +101,8 @@ def _ingest(a: argparse.Namespace) -> int:
     from conveyor.ingest import ingest
 
     with progress_bar("ingesting") as cb:
-        r = ingest(a.src, a.store, task=a.task, data_mb=a.data_mb, video_mb=a.video_mb,
+        r = ingest(Path(a.src), resolve_store(a, a.store, new=True), task=a.task, data_mb=a.data_mb,
+                   video_mb=a.video_mb,
                    lock_timeout=a.lock_timeout, progress=cb)
     print_ingest(r)
     return _exit_code(r)
@@ -88,7 +111,7 @@ def _ingest(a: argparse.Namespace) -> int:
 def _validate(a: argparse.Namespace) -> int:
     from conveyor.validate import validate_deep, validate_fast
 
-    r = (validate_deep if a.deep else validate_fast)(a.store, against=a.against)
+    r = (validate_deep if a.deep else validate_fast)(resolve_store(a, a.store), against=a.against)
     print_validation(r, a.verbose)
     return 0 if r.ok else 1
 
@@ -97,7 +120,7 @@ def _compact(a: argparse.Namespace) -> int:
     from conveyor.compact import compact
 
     with progress_bar("compacting") as cb:
-        r = compact(a.store, progress=cb)
+        r = compact(resolve_store(a, a.store), progress=cb)
     if r.rewritten:
         print(f"compacted {r.store}: {r.files_before} -> {r.files_after} files, now {r.version.short} "
               f"({r.seconds:.2f} s)")
@@ -108,32 +131,41 @@ def _compact(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     def sizes(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data-mb", type=float, default=sizing.DATA_MB, help="data file size target (MB, new stores)")
-        p.add_argument("--video-mb", type=float, default=sizing.VIDEO_MB,
-                       help="video file size target (MB, new stores)")
-        p.add_argument("--task", help="task text for episodes recorded without one")
+        p.add_argument("--data-mb", type=float, default=sizing.DATA_MB, help="data file size target in MB (new stores)")
+        p.add_argument("--video-mb", type=float, default=sizing.VIDEO_MB, help="video file size target in MB (new stores)")
+        p.add_argument("--task", help="task text for episodes recorded without one (default: none)")
 
-    p = sub.add_parser("convert", help="one-shot v2.1 -> v3.0 conversion into a new store")
-    p.add_argument("src", type=Path)
-    p.add_argument("dst", type=Path)
+    src_help = "LeRobot v2.1 recording folder (read only, never modified)"
+    p = sub.add_parser("convert", help="one-shot v2.1 -> v3.0 conversion into a new store",
+                       description="Convert every complete episode of SRC into a new store DST, built beside it "
+                                   "and renamed into place at the end (nothing half-written is left behind).")
+    p.add_argument("src", metavar="SRC", help=src_help)
+    p.add_argument("dst", metavar="DST", help="the new store: a name (folder under store_root) or a folder")
     sizes(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.set_defaults(handler=_convert)
 
-    p = sub.add_parser("ingest", help="append new complete episodes of SRC to STORE (created if missing)")
-    p.add_argument("src", type=Path)
-    p.add_argument("store", type=Path)
+    p = sub.add_parser("ingest", help="append new complete episodes of SRC to STORE (created if missing)",
+                       description="Append the complete episodes of SRC that STORE does not have yet, as one "
+                                   "commit; bad episodes are quarantined (named on stderr, exit 1), the rest lands.")
+    p.add_argument("src", metavar="SRC", help=src_help)
+    p.add_argument("store", metavar="STORE", help="store name (folder under store_root) or store folder")
     sizes(p)
     p.add_argument("--lock-timeout", type=float, default=60.0, help="seconds to wait for another writer")
     p.set_defaults(handler=_ingest)
 
-    p = sub.add_parser("validate", help="check a store (exit 1 on any failure)")
-    p.add_argument("store", type=Path)
-    p.add_argument("--against", type=Path, help="the v2.1 source to compare rows and frames with")
+    p = sub.add_parser("validate", help="check a store (exit 1 on any failure)",
+                       description="Fast check: totals, frame ranges, stats, files. --against also compares rows "
+                                   "and decoded frames with the recording; --deep also loads it through lerobot.")
+    p.add_argument("store", metavar="STORE", help="store name (folder under store_root) or store folder")
+    p.add_argument("--against", type=Path, metavar="SRC",
+                   help="the v2.1 recording to compare rows and frames with (default: none)")
     p.add_argument("--deep", action="store_true", help="also load through lerobot's LeRobotDataset")
     p.add_argument("-v", "--verbose", action="store_true", help="list passing checks too")
     p.set_defaults(handler=_validate)
 
-    p = sub.add_parser("compact", help="merge undersized files up to the size targets")
-    p.add_argument("store", type=Path)
+    p = sub.add_parser("compact", help="merge undersized files up to the size targets",
+                       description="Rewrite many small data and video files into few large ones, as one commit "
+                                   "(same rows and frames, a new version).")
+    p.add_argument("store", metavar="STORE", help="store name (folder under store_root) or store folder")
     p.set_defaults(handler=_compact)

@@ -15,9 +15,20 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_loss(metrics_path: Path, png: Path, title: str) -> Path | None:
     """Write `png` (loss and grad norm vs step); None when there is nothing to plot yet."""
-    rows = read_metrics(metrics_path)
+    data = loss_png(read_metrics(metrics_path), title)
+    if data is None:
+        return None
+    png.parent.mkdir(parents=True, exist_ok=True)
+    png.write_bytes(data)
+    return png
+
+
+def loss_png(rows: list[dict], title: str) -> bytes | None:
+    """The loss curve as PNG bytes (what the run page embeds: the viewer may be on another machine)."""
     if not rows:
         return None
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +36,7 @@ def plot_loss(metrics_path: Path, png: Path, title: str) -> Path | None:
 
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    ax.plot(steps, [r["loss"] for r in rows], label="loss", color="tab:blue")
+    ax.plot(steps, [r["loss"] for r in rows], label="loss", color="tab:blue", marker="." if len(rows) < 30 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -33,9 +44,10 @@ def plot_loss(metrics_path: Path, png: Path, title: str) -> Path | None:
     ax2 = ax.twinx()
     ax2.plot(steps, [r["grad_norm"] for r in rows], label="grad norm", color="tab:orange", alpha=0.5)
     ax2.set_ylabel("grad norm")
-    fig.legend(loc="upper right")
+    handles = ax.get_lines() + ax2.get_lines()
+    ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8, framealpha=0.8)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    return png
+    return buf.getvalue()

@@ -1,4 +1,7 @@
-"""The training request: one pydantic model that is the Prefect UI form, the CLI's target and the flow input."""
+"""The training request: one pydantic model that is the Prefect UI form, the CLI's target and the flow input.
+
+Field titles and descriptions are what the form shows: written for the person filling it in.
+"""
 from __future__ import annotations
 
 import re
@@ -15,53 +18,102 @@ RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 _OPTION_KEY = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*$")
 
 
+def _no_toggle(kind: str):
+    """JSON schema for an optional field as a plain input: Prefect's form shows `anyOf [T, null]` behind a
+    type toggle; an empty input means "not set" (validation still accepts null)."""
+    def fix(schema: dict) -> None:
+        schema.pop("anyOf", None)
+        schema["type"] = kind
+    return fix
+
+
+def _known_stores(schema: dict) -> None:
+    """Name the stores in the form's store field: the configured sources' stores and those under store_root
+    when the schema is made, i.e. when `conveyor up` (or `prefect deploy`) registers the deployment."""
+    try:
+        from conveyor.settings import load_settings
+        from conveyor.store import is_store
+
+        settings = load_settings()
+        names = {s.name for s in settings.sources}
+        if settings.store_root.is_dir():
+            names |= {p.name for p in settings.store_root.iterdir() if is_store(p)}
+    except Exception:  # noqa: BLE001 - no settings here: the description alone
+        return
+    if names:
+        schema["description"] += f" Known stores: {', '.join(sorted(names))}."
+        schema["examples"] = sorted(names)
+
+
 class TrainRequest(BaseModel):
-    """Everything a training run needs; field descriptions are what the UI shows next to each input."""
+    """What to train, on which data, and where the checkpoints go."""
 
     model_config = ConfigDict(extra="forbid")
 
     store: str = Field(
-        description="Dataset to train on: a store name from conveyor settings (folder under store_root) "
-                    "or the path of a LeRobot v3.0 dataset folder on the worker.")
+        title="Store", json_schema_extra=_known_stores,
+        description="The dataset to train on: a store name (a folder under store_root, e.g. `koch_grasp`) or "
+                    "the path of a LeRobot v3.0 dataset folder on the training machine.")
     dataset_version: str | None = Field(
-        None, description="Pin the run to a dataset version: its commit number (e.g. `12`) or content-hash "
-                          "prefix. The run is refused if the store has moved past it. Empty = current version.")
+        None, title="Dataset version", json_schema_extra=_no_toggle("string"),
+        description="Pin the run to one dataset version: its commit number (e.g. `12`) or content-hash "
+                    "prefix. The run is refused if the store has moved past it. Empty: the current version.")
     policy_type: PolicyType = Field(
-        "smolvla", description="Policy to train from scratch (smolvla, act, diffusion or pi0). "
-                               "Ignored when policy_path is set.")
+        "smolvla", title="Policy type",
+        description="Policy to train from scratch: smolvla, act, diffusion or pi0. Ignored when a pretrained "
+                    "policy folder is given.")
     policy_path: str | None = Field(
-        None, description="Local pretrained policy folder to fine-tune (e.g. a downloaded smolvla_base, or "
-                          "`<run>/checkpoints/<step>/pretrained_model`). Runs are offline: Hub ids are refused.")
+        None, title="Pretrained policy folder", json_schema_extra=_no_toggle("string"),
+        description="A local pretrained policy folder to fine-tune, e.g. a downloaded smolvla_base or a "
+                    "checkpoint's `pretrained_model` folder. Runs are offline: Hugging Face Hub ids are refused.")
     vlm_model_name: str | None = Field(
-        None, description="SmolVLA only: local folder of the SmolVLM backbone (config, tokenizer, processor). "
-                          "Empty = the one named in policy_path's config.")
+        None, title="VLM model name", json_schema_extra=_no_toggle("string"),
+        description="SmolVLA only: a local folder with the SmolVLM backbone (config, tokenizer, processor). "
+                    "Empty: the one named in the pretrained policy's config.")
     recipe: Recipe = Field(
-        "auto", description="Memory recipe. light (<= 12 GB): 384x384 images, chunk_size 10, batch 8, AMP. "
-                            "standard (>= 24 GB): lerobot defaults, batch 16. auto picks from free GPU memory.")
-    device: Device = Field("cuda", description="cuda for the GPU pool; cpu only for smoke tests.")
-    gpus: int = Field(1, ge=1, le=16, description="GPUs to use; more than 1 runs `accelerate launch`.")
-    steps: int = Field(20_000, ge=1, description="Training ends at exactly this step (also after resumes).")
-    batch_size: int | None = Field(None, ge=1, description="Per-GPU batch size. Empty = the recipe's.")
-    save_freq: int = Field(5_000, ge=1, description="Save (and archive) a checkpoint every N steps.")
-    log_freq: int = Field(100, ge=1, description="Log loss, grad norm and lr every N steps.")
-    seed: int = Field(1000, description="Random seed passed to lerobot-train.")
-    num_workers: int = Field(4, ge=0, le=64, description="DataLoader worker processes.")
+        "auto", title="Memory recipe",
+        description="light (GPUs up to 12 GB): 384x384 images, chunk size 10, batch 8, mixed precision. "
+                    "standard (24 GB and more): lerobot defaults, batch 16. auto picks from free GPU memory.")
+    device: Device = Field("cuda", title="Device", description="cuda trains on the GPU; cpu is for smoke tests.")
+    gpus: int = Field(1, ge=1, le=16, title="GPUs",
+                      description="Number of GPUs; more than 1 runs `accelerate launch`.")
+    steps: int = Field(20_000, ge=1, title="Steps",
+                       description="Training ends at exactly this step, also after resuming.")
+    batch_size: int | None = Field(None, ge=1, title="Batch size", json_schema_extra=_no_toggle("integer"),
+                                   description="Per-GPU batch size. Empty: the recipe's.")
+    save_freq: int = Field(5_000, ge=1, title="Checkpoint every N steps",
+                           description="Save (and archive) a checkpoint every N steps.")
+    log_freq: int = Field(100, ge=1, title="Log every N steps",
+                          description="Log loss, gradient norm and learning rate every N steps.")
+    seed: int = Field(1000, title="Seed", description="Random seed.")
+    num_workers: int = Field(4, ge=0, le=64, title="Data loader workers",
+                             description="Processes that decode video and load batches.")
     run_name: str | None = Field(
-        None, pattern=RUN_NAME,
-        description="Name of the run (its folder and archive prefix). Reusing a name continues that run "
-                    "from its newest complete checkpoint. Empty = `<policy>-<store>-<flow run id>`.")
+        None, pattern=RUN_NAME, title="Run name", json_schema_extra=_no_toggle("string"),
+        description="Name of the run: its folder and its prefix in object storage. Reusing a name continues "
+                    "that run from its newest complete checkpoint. Empty: policy, store and the flow run id, "
+                    "e.g. `act-koch_grasp-1a2b3c4d`.")
     output_dir: str | None = Field(
-        None, description="Run folder on the worker. Empty = `<work_dir>/runs/<run_name>`.")
-    archive: bool = Field(True, description="Upload every complete checkpoint to object storage "
-                                            "(`runs/<run>/checkpoints/<step>/`) so another machine can resume.")
+        None, title="Output folder", json_schema_extra=_no_toggle("string"),
+        description="Run folder on the training machine. Empty: `runs/RUN_NAME` under the work folder.")
+    archive: bool = Field(True, title="Archive checkpoints",
+                          description="Upload every complete checkpoint to object storage "
+                                      "(`runs/RUN_NAME/checkpoints/STEP/`) so another machine can resume the run.")
     archive_url: str | None = Field(
-        None, description="Object storage for checkpoints (`file:///...` or `s3://bucket/prefix`). "
-                          "Empty = settings.storage_url.")
+        None, title="Archive URL", json_schema_extra=_no_toggle("string"),
+        description="Object storage for checkpoints: `file:///path` or `s3://bucket/prefix`. "
+                    "Empty: storage_url from conveyor.toml.")
     options: dict[str, OptionValue] = Field(
-        default_factory=dict,
-        description="Extra lerobot-train options without the leading `--`, e.g. "
+        default_factory=dict, title="Extra lerobot-train options",
+        description="lerobot-train options without the leading `--`, e.g. "
                     "{\"policy.optimizer_lr\": 5e-5, \"policy.freeze_vision_encoder\": false}. "
                     "They override the recipe. Options conveyor sets itself are refused.")
+
+    @field_validator("policy_path", "vlm_model_name", "run_name", "output_dir", "archive_url", "batch_size",
+                     mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        return None if v == "" else v     # an input cleared in the UI form
 
     @field_validator("dataset_version", mode="before")
     @classmethod
