@@ -55,7 +55,7 @@ def main() -> None:
         plan = preflight(req, settings, run_name=req.run_name)
         args = [x if not x.startswith("--output_dir=") else f"--output_dir={work / f'bare{i}'}" for x in plan.args]
         t0 = time.perf_counter()
-        subprocess.run(lerobot_command(args), env={**os.environ, **plan.env}, check=True,
+        subprocess.run(lerobot_command(args, plan.lerobot.executable), env={**os.environ, **plan.env}, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         bare.append(time.perf_counter() - t0)
         t0 = time.perf_counter()

@@ -46,14 +46,15 @@ class TrainResult(BaseModel):
     path_rewrites: list[str] = Field(default_factory=list)
 
 
-def versions() -> dict[str, str]:
+def versions(plan: TrainPlan) -> dict[str, str]:
+    """conveyor's own packages here, and python/lerobot/torch/transformers of the environment that trains."""
     out = {}
-    for pkg in ("conveyor", "lerobot", "torch", "transformers", "prefect"):
+    for pkg in ("conveyor", "prefect"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return {**out, **plan.lab_versions, "lerobot": plan.lerobot.version}
 
 
 def git_revision() -> str | None:
@@ -69,8 +70,8 @@ def lineage(plan: TrainPlan) -> dict:
     """What every archived checkpoint records about where it came from."""
     return {"dataset": {"root": str(plan.dataset_root), "repo_id": plan.repo_id,
                         "version": plan.dataset_version.model_dump() if plan.dataset_version else None},
-            "policy_type": plan.policy_type, "recipe": plan.recipe, "versions": versions(),
-            "git_revision": git_revision()}
+            "policy_type": plan.policy_type, "recipe": plan.recipe, "versions": versions(plan),
+            "lerobot_train": str(plan.lerobot.executable), "git_revision": git_revision()}
 
 
 class Archiver:
@@ -210,7 +211,7 @@ def run_attempt(plan: TrainPlan, settings=None, *, log: Log = print, on_line: Lo
         import os
 
         env = {**os.environ, **plan.env}
-        cmd = lerobot_command(args, req.gpus)
+        cmd = lerobot_command(args, plan.lerobot.executable, req.gpus)
         if archiver:
             with archiver:
                 run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size,
