@@ -269,6 +269,23 @@ def test_incomplete_local_checkpoint_is_ignored(checkpoint, tmp_path):
     assert ck.newest_local(tmp_path / "lerobot") is None
 
 
+def test_resume_across_the_06_config_line_is_refused(env, settings, checkpoint):
+    """A checkpoint whose train_config.json uses the other side's names (eval_freq vs env_eval_freq)."""
+    from conveyor.training.attempt import resume_args
+    from conveyor.training.preflight import preflight
+
+    plan = preflight(smolvla(env), settings, run_name="generations")
+    cfg = json.loads(checkpoint.train_config.read_text())
+    theirs = "eval_freq" if plan.lerobot.renames_eval_freq else "env_eval_freq"
+    checkpoint.train_config.write_text(json.dumps({**cfg, theirs: 20000}))
+    with pytest.raises(ConveyorError) as e:
+        resume_args(plan, checkpoint)
+    assert e.value.path == str(checkpoint.train_config)
+    assert e.value.problem.startswith("checkpoint 000002 was written by a lerobot ")
+    assert e.value.problem.endswith(f"and this run's lerobot is {LEROBOT}; resume it with the lerobot that wrote "
+                                    "it, or start a new run_name.")
+
+
 # ------------------------------------------------------------------ preflight refusals
 
 

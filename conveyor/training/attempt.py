@@ -136,8 +136,22 @@ def start_point(plan: TrainPlan, objects: ObjectStore | None, log: Log) -> tuple
     return None, False
 
 
+def check_same_generation(plan: TrainPlan, ckpt: ck.Checkpoint) -> None:
+    """A train_config.json from before 0.6 (`eval_freq`) does not parse in 0.6 (`env_eval_freq`) and back:
+    refuse to resume across that line instead of failing inside lerobot-train."""
+    cfg = json.loads(ckpt.train_config.read_text())
+    key = "env_eval_freq" if plan.lerobot.renames_eval_freq else "eval_freq"
+    other = "eval_freq" if key == "env_eval_freq" else "env_eval_freq"
+    if other in cfg and key not in cfg:
+        era = "before 0.6" if other == "eval_freq" else "0.6 or later"
+        raise ConveyorError(ckpt.train_config, f"checkpoint {ckpt.name} was written by a lerobot {era} and this "
+                                               f"run's lerobot is {plan.lerobot.version}; resume it with the lerobot "
+                                               "that wrote it, or start a new run_name.")
+
+
 def resume_args(plan: TrainPlan, ckpt: ck.Checkpoint) -> tuple[list[str], list[str]]:
     """Rewrite stale paths inside the checkpoint, then the `--config_path ... --resume=true` arguments."""
+    check_same_generation(plan, ckpt)
     saved = ck.saved_paths(ckpt)
     mapping = {saved["output_dir"] or "": str(plan.lerobot_dir), saved["dataset.root"] or "": str(plan.dataset_root)}
     if plan.vlm_model_name and saved["policy.vlm_model_name"]:
