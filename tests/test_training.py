@@ -216,6 +216,36 @@ def test_resume_from_s3_archive_on_another_machine(env, prefect_server, s3_endpo
     assert json.loads(last)["step"] == 6
 
 
+# ------------------------------------------------------------------ metric lines (real output, both versions)
+
+BAR = "Training:  50%|\u2588\u2588\u2588\u2588\u2588     | 1/2 [00:13<00:13, 13.37s/step]"
+LINES = {  # what lerobot-train printed for a tiny ACT here, after tqdm's bar on the same physical line
+    "0.4.4": "INFO 2026-11-25 21:58:38 ot_train.py:435 step:1 smpl:2 ep:0 epch:0.04 loss:74.946 grdn:253.335 "
+             "lr:1.0e-05 updt_s:13.225 data_s:0.149",
+    "0.6.1": "INFO 2026-11-25 21:27:36 ot_train.py:641 step:1 smpl:2 ep:0 epch:0.04 loss:72.144 grdn:260.996 "
+             "lr:1.0e-05 updt_s:1.998 data_s:0.032 smp/s:1 l1_loss:0.833 kld_loss:7.131",
+}
+
+
+@pytest.mark.parametrize("version", sorted(LINES))
+def test_metric_line_parses_after_the_progress_bar(version, tmp_path):
+    import io
+
+    from conveyor.training.lerobot_train import RunResult, _handle, parse_metrics
+
+    m = parse_metrics(LINES[version], batch_size=2, expected_step=1)
+    fields = LINES[version].split()
+    want = {k: float(v) for k, v in (f.split(":", 1) for f in fields[4:]) if k in ("loss", "grdn", "lr", "epch")}
+    assert (m.step, m.loss, m.grad_norm, m.lr, m.epoch) == (1, want["loss"], want["grdn"], want["lr"], want["epch"])
+    assert m.samples_per_s == pytest.approx(2 / (m.update_s + m.data_s))
+    seen, shown, log = [], [], io.StringIO()
+    result = RunResult(returncode=0, log_path=tmp_path / "x.log")
+    nxt = _handle(BAR + LINES[version], log, result, 2, 1, 1, shown.append, seen.append)
+    assert nxt == 2 and [x.step for x in seen] == [1] and shown == [LINES[version]]
+    assert log.getvalue() == BAR + "\n" + LINES[version] + "\n"
+    assert parse_metrics(LINES[version].replace("step:1 ", "step:2K "), 2, 2000).step == 2000
+
+
 # ------------------------------------------------------------------ archive integrity (no training)
 
 
