@@ -306,7 +306,7 @@ def test_resume_across_the_06_config_line_is_refused(env, settings, checkpoint):
 
     plan = preflight(smolvla(env), settings, run_name="generations")
     cfg = json.loads(checkpoint.train_config.read_text())
-    theirs = "eval_freq" if plan.lerobot.renames_eval_freq else "env_eval_freq"
+    theirs = "eval_freq" if plan.lerobot.uses_06_names else "env_eval_freq"
     checkpoint.train_config.write_text(json.dumps({**cfg, theirs: 20000}))
     with pytest.raises(ConveyorError) as e:
         resume_args(plan, checkpoint)
@@ -401,7 +401,7 @@ def test_preflight_passes_renamed_options_under_the_labs_name(env, settings):
 
     plan = preflight(smolvla(env, options={**TINY_SMOLVLA, "eval_freq": 0}), settings, run_name="renamed")
     args = dict(a[2:].split("=", 1) for a in plan.args)
-    if plan.lerobot.renames_eval_freq:
+    if plan.lerobot.uses_06_names:
         assert args["env_eval_freq"] == "0" and "eval_freq" not in args
         assert plan.option_notes == [f"`eval_freq` is `env_eval_freq` in lerobot {LEROBOT}: passed as "
                                      "`env_eval_freq`"]

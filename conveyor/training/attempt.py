@@ -140,7 +140,7 @@ def check_same_generation(plan: TrainPlan, ckpt: ck.Checkpoint) -> None:
     """A train_config.json from before 0.6 (`eval_freq`) does not parse in 0.6 (`env_eval_freq`) and back:
     refuse to resume across that line instead of failing inside lerobot-train."""
     cfg = json.loads(ckpt.train_config.read_text())
-    key = "env_eval_freq" if plan.lerobot.renames_eval_freq else "eval_freq"
+    key = "env_eval_freq" if plan.lerobot.uses_06_names else "eval_freq"
     other = "eval_freq" if key == "env_eval_freq" else "env_eval_freq"
     if other in cfg and key not in cfg:
         era = "before 0.6" if other == "eval_freq" else "0.6 or later"

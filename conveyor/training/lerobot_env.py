@@ -43,7 +43,8 @@ class LerobotEnv(BaseModel):
         return release(self.version)
 
     @property
-    def renames_eval_freq(self) -> bool:
+    def uses_06_names(self) -> bool:
+        """0.6's config names (`env_eval_freq`, `sample_weighting.*`) rather than 0.4.4's."""
         return self.release[:2] >= (0, 6)
 
     def accelerate(self) -> Path:

@@ -210,13 +210,13 @@ def versioned_options(options: dict[str, OptionValue], env: LerobotEnv) -> tuple
     """The request's options under the names the lab's lerobot knows (0.6 renamed `eval_freq`), with a note
     for each renamed one; RA-BC options that changed shape between 0.4.4 and 0.6 are refused."""
     out, notes = {}, []
-    renames = lerobot_env.RENAMED_IN_06 if env.renames_eval_freq \
+    renames = lerobot_env.RENAMED_IN_06 if env.uses_06_names \
         else {new: old for old, new in lerobot_env.RENAMED_IN_06.items()}
     for key, value in options.items():
-        if env.renames_eval_freq and key in lerobot_env.RABC_044:
+        if env.uses_06_names and key in lerobot_env.RABC_044:
             raise refuse(f"--{key}", f"`--{key}` is `--sample_weighting.*` (type=rabc) in lerobot {env.version}; "
                                      "use those options.")
-        if not env.renames_eval_freq and key.startswith("sample_weighting."):
+        if not env.uses_06_names and key.startswith("sample_weighting."):
             raise refuse(f"--{key}", f"`--{key}` does not exist in lerobot {env.version}; use its `use_rabc` and "
                                      "`rabc_*` options.")
         if key in renames:
