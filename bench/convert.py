@@ -1,12 +1,16 @@
-"""Benchmark for issue 2 §7: `conveyor convert` / `conveyor ingest` against lerobot 0.4.4's own tools.
+"""Benchmark for issue 2 §7 and issue 13: `conveyor convert` / `conveyor ingest` against lerobot's own tools,
+in lerobot 0.6.x (conveyor's environment) and in lerobot 0.4.4 (the cached Python 3.11 venv of
+tests/lerobot_envs.py, when it exists).
 
 Not a test: it prints (and writes into the `## convert` section of bench/README.md) a markdown table of
 1. one-shot conversion of a ~40-episode, 2-camera 480x640 AV1 recording: `conveyor convert` vs lerobot's
-   official conversion functions (`convert_info/tasks/data/videos/episodes_metadata`), wall s + peak RSS;
+   official conversion functions (`convert_info/tasks/data/videos/episodes_metadata`; 0.6 moved them to
+   `lerobot/scripts/convert_dataset_v21_to_v30.py`), wall s + peak RSS;
 2. appending one episode to stores of 20 and of 200 episodes while the recording folder grows in place
    (`conveyor ingest SRC STORE`);
 3. the same append as a lerobot-only user does it: convert the one new episode with lerobot's functions and
    merge it into the existing dataset with `lerobot.datasets.aggregate.aggregate_datasets`.
+`--tiny` shrinks every recording (a few small episodes) to prove the script runs; its figures mean nothing.
 
 Everything timed runs as its own subprocess (interpreter start and imports included); peak RSS is that
 command's max RSS as GNU time reports it (`%M`). Recordings are generated once and cached under --work (default bench/out/,
@@ -34,8 +38,9 @@ from readme_section import README, write_section  # bench/ is on sys.path when r
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
-PYTHON = VENV_BIN / "python"
+PYTHON = VENV_BIN / "python"          # conveyor's interpreter; its lerobot (0.6.x) is the first baseline
 CONVEYOR = VENV_BIN / "conveyor"
+BASELINES: list[tuple[str, Path]] = []  # (lerobot version, interpreter), filled in main()
 TIME = "/usr/bin/time"  # GNU time, for peak RSS (see run_measured)
 SELF = Path(__file__).resolve()
 SECTION = "## convert"
@@ -263,10 +268,15 @@ def extract_episode(src: Path, episode: int, dst: Path) -> Path:
 # ----------------------------------------------------------------------------- lerobot children
 
 def _lerobot_convert(root: Path, new_root: Path) -> None:
-    """lerobot 0.4.4's `convert_dataset` minus the Hub, the `<root>/<repo_id>` layout and the folder swaps."""
+    """lerobot's `convert_dataset` minus the Hub, the `<root>/<repo_id>` layout and the folder swaps
+    (0.6: `lerobot/scripts/convert_dataset_v21_to_v30.py`; 0.4.4: `lerobot/datasets/v30/...`)."""
     from lerobot.datasets.utils import DEFAULT_DATA_FILE_SIZE_IN_MB, DEFAULT_VIDEO_FILE_SIZE_IN_MB
-    from lerobot.datasets.v30.convert_dataset_v21_to_v30 import (convert_data, convert_episodes_metadata,
-                                                                  convert_info, convert_tasks, convert_videos)
+    try:
+        from lerobot.scripts.convert_dataset_v21_to_v30 import (convert_data, convert_episodes_metadata,
+                                                                convert_info, convert_tasks, convert_videos)
+    except ImportError:
+        from lerobot.datasets.v30.convert_dataset_v21_to_v30 import (convert_data, convert_episodes_metadata,
+                                                                      convert_info, convert_tasks, convert_videos)
 
     convert_info(root, new_root, DEFAULT_DATA_FILE_SIZE_IN_MB, DEFAULT_VIDEO_FILE_SIZE_IN_MB)
     convert_tasks(root, new_root)
@@ -308,23 +318,25 @@ def bench_convert(recording: Path, label: str, run: Path, work: Path, reps: int)
     src = copy_recording(recording, run / "convert" / "src")
     warm(src)
     info = read_info(src)
-    conv, lero = [], []
-    for i in range(reps):  # alternate so drift on a shared machine hits both sides alike
+    conv, lero = [], {v: [] for v, _ in BASELINES}
+    for i in range(reps):  # alternate so drift on a shared machine hits every tool alike
         dst = fresh(run / "convert" / "conveyor_out")
         conv.append(run_measured([CONVEYOR, "convert", src, dst], run / "logs" / f"convert_conveyor_{i}.log",
                                  child_env(work)))
         total = read_info(dst)["total_frames"]
         assert total == info["total_frames"], (total, info["total_frames"])
-        out = fresh(run / "convert" / "lerobot_out")
-        cache = fresh(run / "convert" / f"hf_cache_{i}")
-        lero.append(run_measured([PYTHON, SELF, "_lerobot-convert", src, out],
-                                 run / "logs" / f"convert_lerobot_{i}.log", child_env(work, cache)))
-        shutil.rmtree(cache, ignore_errors=True)
-        assert read_info(out)["total_frames"] == info["total_frames"]
+        for version, python in BASELINES:
+            out = fresh(run / "convert" / f"lerobot_{version}_out")
+            cache = fresh(run / "convert" / f"hf_cache_{i}")
+            lero[version].append(run_measured([python, SELF, "_lerobot-convert", src, out],
+                                              run / "logs" / f"convert_lerobot_{version}_{i}.log",
+                                              child_env(work, cache)))
+            shutil.rmtree(cache, ignore_errors=True)
+            assert read_info(out)["total_frames"] == info["total_frames"]
     return {"label": label, "episodes": info["total_episodes"], "frames": info["total_frames"], "src_mb": du_mb(src),
             "conveyor": conv, "lerobot": lero,
             "out_mb": {"conveyor": du_mb(run / "convert" / "conveyor_out"),
-                       "lerobot": du_mb(run / "convert" / "lerobot_out")}}
+                       **{v: du_mb(run / "convert" / f"lerobot_{v}_out") for v, _ in BASELINES}}}
 
 
 def bench_append(base: Path, n: int, run: Path, work: Path, reps: int, lerobot: bool) -> dict:
@@ -335,14 +347,15 @@ def bench_append(base: Path, n: int, run: Path, work: Path, reps: int, lerobot: 
     store = d / "store"
     fresh(store)
     setup = run_measured([CONVEYOR, "convert", src, store], run / "logs" / f"append{n}_convert.log", child_env(work))
-    existing = d / "lerobot_0"
-    if lerobot:
+    baselines = BASELINES if lerobot else []
+    existing = {v: d / f"lerobot_{v}_0" for v, _ in baselines}
+    for version, python in baselines:
         cache = fresh(d / "hf_cache_setup")
-        run_measured([PYTHON, SELF, "_lerobot-convert", src, fresh(existing)],
-                     run / "logs" / f"append{n}_lerobot_convert.log", child_env(work, cache))
+        run_measured([python, SELF, "_lerobot-convert", src, fresh(existing[version])],
+                     run / "logs" / f"append{n}_lerobot_{version}_convert.log", child_env(work, cache))
         shutil.rmtree(cache, ignore_errors=True)
     writer = RecordingWriter(src, _spec())
-    ingest, merge = [], []
+    ingest, merge = [], {v: [] for v, _ in baselines}
     for i in range(reps):
         ep = n + i
         writer.write_episode(ep, APPEND_LENGTH, TASKS[ep % 2])  # the recorder finishes one more episode
@@ -351,24 +364,26 @@ def bench_append(base: Path, n: int, run: Path, work: Path, reps: int, lerobot: 
                                    child_env(work)))
         got = read_info(store)["total_episodes"]
         assert got == ep + 1, f"store has {got} episodes after ingesting episode {ep}"
-        if lerobot:
+        for version, python in baselines:
             one = extract_episode(src, ep, d / f"episode_{ep}_v21")
-            new_v30, merged, cache = fresh(d / f"episode_{ep}_v30"), fresh(d / f"lerobot_{i + 1}"), fresh(d / "hf_c")
-            warm(existing)
-            merge.append(run_measured([PYTHON, SELF, "_lerobot-append", existing, one, new_v30, merged],
-                                      run / "logs" / f"append{n}_lerobot_merge_{i}.log", child_env(work, cache)))
+            new_v30, merged = fresh(d / f"episode_{ep}_v30"), fresh(d / f"lerobot_{version}_{i + 1}")
+            cache = fresh(d / "hf_c")
+            warm(existing[version])
+            merge[version].append(run_measured([python, SELF, "_lerobot-append", existing[version], one, new_v30,
+                                                merged], run / "logs" / f"append{n}_lerobot_{version}_merge_{i}.log",
+                                               child_env(work, cache)))
             got = read_info(merged)["total_episodes"]
-            assert got == ep + 1, f"merged lerobot dataset has {got} episodes, expected {ep + 1}"
-            for p in (existing, one, new_v30, cache):
+            assert got == ep + 1, f"merged lerobot {version} dataset has {got} episodes, expected {ep + 1}"
+            for p in (existing[version], one, new_v30, cache):
                 shutil.rmtree(p)
-            existing = merged
+            existing[version] = merged
     check = subprocess.run([CONVEYOR, "validate", store, "--against", src], capture_output=True, text=True,
                            env=child_env(work))
-    lerobot_ok = None
-    if lerobot:
+    lerobot_ok = {}
+    for version, python in baselines:
         cache = fresh(d / "hf_c")
-        lerobot_ok = subprocess.run([PYTHON, SELF, "_lerobot-check", existing], capture_output=True,
-                                    env=child_env(work, cache)).returncode == 0
+        lerobot_ok[version] = subprocess.run([python, SELF, "_lerobot-check", existing[version]],
+                                             capture_output=True, env=child_env(work, cache)).returncode == 0
     return {"n": n, "setup": setup, "conveyor": ingest, "lerobot": merge, "valid": check.returncode == 0,
             "lerobot_loads": lerobot_ok,
             "validate_out": (check.stdout + check.stderr).strip().splitlines()[-1:]}
@@ -385,12 +400,11 @@ def spread(ms: list[Measured]) -> str:
     return f"{w[0]:.2f}–{w[-1]:.2f}" if len(w) > 1 else f"{w[0]:.2f}"
 
 
-def valid(a: dict) -> str:
-    """`conveyor validate --against SRC` on the final store; LeRobotDataset loading the final merge."""
-    out = f"conveyor validate: {'pass' if a['valid'] else '**FAIL**'}"
-    if a["lerobot_loads"] is not None:
-        out += f"; lerobot loads merge: {'yes' if a['lerobot_loads'] else '**NO**'}"
-    return out
+def valid(a: dict, version: str | None = None) -> str:
+    """`conveyor validate --against SRC` on the final store; that lerobot loading its final merge."""
+    if version is None:
+        return f"conveyor validate: {'pass' if a['valid'] else '**FAIL**'}"
+    return f"lerobot {version} loads its merge: {'yes' if a['lerobot_loads'][version] else '**NO**'}"
 
 
 def verdict(ok: bool) -> str:
@@ -410,26 +424,30 @@ def render(convs: list[dict], apps: list[dict], args: argparse.Namespace, total_
              f"at the end {os.getloadavg()[0]:.1f} (other work on the machine makes times noisy: trust the ratios).",
              "Every timed step is its own subprocess, so wall time includes interpreter start and imports; peak RSS "
              "is that process's max RSS (GNU `/usr/bin/time` `%M`). Medians of the repetitions; the range is min–max wall.", ""]
+    tools = ", ".join(f"lerobot {v}" for v, _ in BASELINES) or "no lerobot baseline"
     if convs:
         c0 = convs[0]
         lines += [f"### One-shot conversion ({c0['episodes']} episodes, {c0['frames']} frames, 2 cameras 480x640 AV1; "
-                  f"{len(c0['conveyor'])} runs of each tool per input, alternating)", "",
+                  f"{len(c0['conveyor'])} runs of each tool per input, alternating; baselines: {tools})", "",
                   "| input | tool | wall s (median) | range | peak RSS MB | output MB | speed-up |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for conv in convs:
-            c, l = conv["conveyor"], conv["lerobot"]
+            c = conv["conveyor"]
             inp = f"{conv['label']}, {conv['src_mb']:.0f} MB"
-            lines += [f"| {inp} | `conveyor convert` | {med(c, 'wall_s'):.2f} | {spread(c)} | {med(c, 'rss_mb'):.0f} | "
-                      f"{conv['out_mb']['conveyor']:.0f} | **{med(l, 'wall_s') / med(c, 'wall_s'):.1f}×** |",
-                      f"| {inp} | lerobot `convert_info/tasks/data/videos/episodes_metadata` | {med(l, 'wall_s'):.2f} | "
-                      f"{spread(l)} | {med(l, 'rss_mb'):.0f} | {conv['out_mb']['lerobot']:.0f} | 1 |"]
+            lines.append(f"| {inp} | `conveyor convert` | {med(c, 'wall_s'):.2f} | {spread(c)} | "
+                         f"{med(c, 'rss_mb'):.0f} | {conv['out_mb']['conveyor']:.0f} | 1 |")
+            for version, l in conv["lerobot"].items():
+                lines.append(f"| {inp} | lerobot {version} `convert_info/tasks/data/videos/episodes_metadata` | "
+                             f"{med(l, 'wall_s'):.2f} | {spread(l)} | {med(l, 'rss_mb'):.0f} | "
+                             f"{conv['out_mb'][version]:.0f} | conveyor **{med(l, 'wall_s') / med(c, 'wall_s'):.1f}×** |")
         lines.append("")
         for conv in convs:
-            c, l = conv["conveyor"], conv["lerobot"]
-            speed = med(l, "wall_s") / med(c, "wall_s")
-            lines.append(f"- {conv['label']}: speed-up **{speed:.1f}×** (target ≥ 3×: {verdict(speed >= 3)}); conveyor "
-                         f"peak RSS **{med(c, 'rss_mb'):.0f} MB** (target < 300 MB: {verdict(med(c, 'rss_mb') < 300)}), "
-                         f"lerobot {med(l, 'rss_mb'):.0f} MB.")
+            c = conv["conveyor"]
+            for version, l in conv["lerobot"].items():
+                speed = med(l, "wall_s") / med(c, "wall_s")
+                lines.append(f"- {conv['label']}, vs lerobot {version}: speed-up **{speed:.1f}×** (target ≥ 3×: "
+                             f"{verdict(speed >= 3)}); conveyor peak RSS **{med(c, 'rss_mb'):.0f} MB** (target < 300 "
+                             f"MB: {verdict(med(c, 'rss_mb') < 300)}), lerobot {med(l, 'rss_mb'):.0f} MB.")
         lines += [f"- Inputs: `synth` is `conveyor.synthetic.recording` as is (~1.3 KB per AV1 frame and camera); `camera-like "
                   f"bitrate` adds ±{CAMERA_LIKE_NOISE} uniform pixel noise to the same frames (~19 KB per frame and "
                   f"camera, the size of the reference baseline: 161 MB for 4,417 frames).", ""]
@@ -438,20 +456,21 @@ def render(convs: list[dict], apps: list[dict], args: argparse.Namespace, total_
                   "",
                   f"The source recording grows in place (`RecordingWriter.write_episode`, untimed), then the store is "
                   f"updated. Base episodes are {APPEND_BASE_LENGTHS[0]}–{APPEND_BASE_LENGTHS[1]} frames (short, to "
-                  f"bound generation time of the 200-episode recording). lerobot side: the new episode is first "
-                  f"copied out as its own one-episode v2.1 folder (renumbered to 0, untimed), then one timed process "
-                  f"converts it with the official functions and merges it with `aggregate_datasets([existing, new])` "
-                  f"into a new dataset; `existing` is the official converter's output of the first N episodes (then "
-                  f"the previous merge).", "",
-                  "| N | `conveyor ingest` wall s (median) | range | peak RSS MB | lerobot convert + merge wall s "
-                  "(median) | range | peak RSS MB | lerobot / conveyor | valid results |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  f"bound generation time of the 200-episode recording). lerobot side ({tools}): the new episode is "
+                  f"first copied out as its own one-episode v2.1 folder (renumbered to 0, untimed), then one timed "
+                  f"process converts it with the official functions and merges it with "
+                  f"`aggregate_datasets([existing, new])` into a new dataset; `existing` is that version's converter "
+                  f"output of the first N episodes (then the previous merge).", "",
+                  "| N | tool | wall s (median) | range | peak RSS MB | tool / conveyor | valid results |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for a in apps:
-            c, l = a["conveyor"], a["lerobot"]
-            lw = f"{med(l, 'wall_s'):.2f} | {spread(l)} | {med(l, 'rss_mb'):.0f} | " \
-                 f"**{med(l, 'wall_s') / med(c, 'wall_s'):.1f}×**" if l else "– | – | – | –"
-            lines.append(f"| {a['n']} | {med(c, 'wall_s'):.2f} | {spread(c)} | {med(c, 'rss_mb'):.0f} | {lw} | "
-                         f"{valid(a)} |")
+            c = a["conveyor"]
+            lines.append(f"| {a['n']} | `conveyor ingest` | {med(c, 'wall_s'):.2f} | {spread(c)} | "
+                         f"{med(c, 'rss_mb'):.0f} | 1 | {valid(a)} |")
+            for version, l in a["lerobot"].items():
+                lines.append(f"| {a['n']} | lerobot {version} convert + `aggregate_datasets` | {med(l, 'wall_s'):.2f} | "
+                             f"{spread(l)} | {med(l, 'rss_mb'):.0f} | **{med(l, 'wall_s') / med(c, 'wall_s'):.1f}×** | "
+                             f"{valid(a, version)} |")
         lines.append("")
         by_n = {a["n"]: a for a in apps}
         lo, hi = min(APPEND_BASES), max(APPEND_BASES)
@@ -459,19 +478,23 @@ def render(convs: list[dict], apps: list[dict], args: argparse.Namespace, total_
             growth = med(by_n[hi]["conveyor"], "wall_s") / med(by_n[lo]["conveyor"], "wall_s")
             lines.append(f"- {hi}-episode append / {lo}-episode append: **{growth:.2f}×** (target ≤ 1.2×: "
                          f"{verdict(growth <= 1.2)}).")
-        ratios = [med(a["lerobot"], "wall_s") / med(a["conveyor"], "wall_s") for a in apps if a["lerobot"]]
-        if ratios:
-            lines.append(f"- conveyor vs lerobot convert + merge: **{min(ratios):.1f}×** faster or better "
-                         f"(target ≥ 5×: {verdict(min(ratios) >= 5)}).")
+        for version, _ in BASELINES:
+            ratios = [med(a["lerobot"][version], "wall_s") / med(a["conveyor"], "wall_s") for a in apps
+                      if a["lerobot"].get(version)]
+            if ratios:
+                lines.append(f"- conveyor vs lerobot {version} convert + merge: **{min(ratios):.1f}×** faster or better "
+                             f"(target ≥ 5×: {verdict(min(ratios) >= 5)}).")
         lines.append("")
     lines += ["Commands (from the repository root):", "", "```bash",
               f".venv/bin/python bench/convert.py --reps {args.reps} --convert-reps {args.convert_reps}"
-              + ("" if args.work == "bench/out" else f" --work {args.work}"),
+              + ("" if args.work == "bench/out" else f" --work {args.work}") + (" --tiny" if args.tiny else ""),
+              "# lerobot 0.4.4 baseline: the cached venv of tests/lerobot_envs.py (built by `cd tests && "
+              "python -m lerobot_envs`)",
               "# what it times, per run:",
               ".venv/bin/conveyor convert SRC DST",
               ".venv/bin/conveyor ingest SRC STORE",
-              ".venv/bin/python bench/convert.py _lerobot-convert SRC DST          # lerobot's convert_* functions",
-              ".venv/bin/python bench/convert.py _lerobot-append EXISTING EP_V21 EP_V30 MERGED",
+              "PYTHON bench/convert.py _lerobot-convert SRC DST          # that lerobot's convert_* functions",
+              "PYTHON bench/convert.py _lerobot-append EXISTING EP_V21 EP_V30 MERGED",
               "```", ""]
     return "\n".join(lines)
 
@@ -496,12 +519,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-lerobot-append", action="store_true", help="skip the convert + merge baseline")
     p.add_argument("--no-readme", action="store_true", help="do not write bench/README.md")
     p.add_argument("--keep", action="store_true", help="keep the scratch run folder")
+    p.add_argument("--venv", default=str(REPO / ".venv"), help="conveyor's venv (default .venv)")
+    p.add_argument("--lerobot-044", help="lerobot 0.4.4 venv for the second baseline (default: the cached one "
+                                         "of tests/lerobot_envs.py; skipped when missing)")
+    p.add_argument("--tiny", action="store_true", help="tiny recordings, to prove the script runs (no figures)")
     args = p.parse_args(argv)
     if args.reps < 1 or args.convert_reps < 1:
         p.error("--reps and --convert-reps must be >= 1")
     work = (REPO / args.work).resolve() if not Path(args.work).is_absolute() else Path(args.work)
     os.environ.update(SVT_LOG="1")
     sys.path.insert(0, str(REPO))
+    global PYTHON, CONVEYOR, CONVERT_EPISODES, CONVERT_LENGTHS, APPEND_BASES, APPEND_BASE_LENGTHS, APPEND_LENGTH
+    PYTHON, CONVEYOR = Path(args.venv) / "bin/python", Path(args.venv) / "bin/conveyor"
+    if args.tiny:
+        CONVERT_EPISODES, CONVERT_LENGTHS, APPEND_BASES = 3, (8, 12), (2, 4)
+        APPEND_BASE_LENGTHS, APPEND_LENGTH = (6, 8), 6
+    BASELINES.clear()
+    sys.path.insert(0, str(REPO / "tests"))
+    import lerobot_envs
+
+    old = Path(args.lerobot_044) if args.lerobot_044 else lerobot_envs.venv_path()
+    for python in (PYTHON, old / "bin/python"):
+        version = lerobot_envs.installed_version(python.parent.parent) if python.exists() else None
+        if version:
+            BASELINES.append((version, python))
+        else:
+            print(f"no lerobot next to {python}: that baseline is skipped", flush=True)
 
     recs = ensure_recordings(work)
     if args.only == "generate":

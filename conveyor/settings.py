@@ -83,6 +83,9 @@ class TrainTriggerSettings(BaseModel):
     policy: Literal["off", "every_n", "nightly"] = "off"
     every_n: int = Field(50, ge=1, description="new episodes between trainings (policy every_n)")
     deployment: str = "train/train"
+    lerobot_train: Path | None = Field(None, description=(
+        "the `lerobot-train` executable runs use (e.g. the lab's own environment on the GPU machine; "
+        "relative to the config file); empty = the one next to conveyor's interpreter"))
     parameters: dict[str, Any] = Field(default_factory=lambda: {"request": {"store": "{store}",
                                                                          "dataset_version": "{content_hash}"}},
                                        description=(

@@ -5,6 +5,8 @@ No task retries: the `train` flow's retries re-run an attempt, which resumes fro
 """
 from __future__ import annotations
 
+import shlex
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
@@ -23,15 +25,19 @@ def preflight_task(request: TrainRequest, run_name: str, config: str | None = No
     """Refuse a bad request before any GPU time is spent (one sentence), else the resolved plan."""
     plan = preflight(request, load_settings(config), run_name=run_name)
     log = get_run_logger()
-    log.info("run %s: %s on %s (%s), recipe %s (%s), batch %d, %d steps, video backend %s", plan.run_name,
-             plan.policy_type, plan.dataset_root, plan.dataset_version.short if plan.dataset_version else "no ledger",
-             plan.recipe, plan.recipe_reason, plan.batch_size, request.steps, plan.video_backend)
+    log.info("run %s: %s on %s (%s), recipe %s (%s), batch %d, %d steps, video backend %s, lerobot %s (%s)",
+             plan.run_name, plan.policy_type, plan.dataset_root,
+             plan.dataset_version.short if plan.dataset_version else "no ledger", plan.recipe, plan.recipe_reason,
+             plan.batch_size, request.steps, plan.video_backend, plan.lerobot.version, plan.lerobot.executable)
+    for note in plan.option_notes:
+        log.info("option %s", note)
     create_markdown_artifact(
         f"# Training plan `{plan.run_name}`\n\n| | |\n| --- | --- |\n| dataset | `{plan.dataset_root}` |\n"
         f"| dataset version | {plan.dataset_version.short if plan.dataset_version else '-'} |\n"
         f"| policy | {plan.policy_type} |\n| recipe | {plan.recipe} ({plan.recipe_reason}) |\n"
+        f"| lerobot | {plan.lerobot.version} (`{plan.lerobot.executable}`) |\n"
         f"| output | `{plan.output_dir}` |\n| archive | `{plan.archive_url or 'off'}` |\n\n"
-        f"Fresh-start command:\n\n```bash\n{fresh_start_command('lerobot-train', plan.args)}\n```\n",
+        f"Fresh-start command:\n\n```bash\n{fresh_start_command(shlex.quote(str(plan.lerobot.executable)), plan.args)}\n```\n",
         key=f"train-plan-{slug(plan.run_name)}", description=f"training plan of {plan.run_name}")
     return plan
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import threading
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from conveyor.training.request import TrainRequest
 from tiny_smolvlm import build_tiny_smolvlm
 
 TASK = "抓取方块"
+LEROBOT = metadata.version("lerobot")          # the default lab environment is conveyor's own
 TINY_SMOLVLA = {"policy.load_vlm_weights": False, "policy.num_vlm_layers": 2,
                 "policy.resize_imgs_with_padding": "[64,64]", "policy.chunk_size": 5, "policy.n_action_steps": 5}
 TINY_ACT = {"policy.pretrained_backbone_weights": None, "policy.dim_model": 32, "policy.dim_feedforward": 64,
@@ -76,12 +78,18 @@ def flow_runs(prefect_server, flow_name: str) -> list[dict]:
 # ------------------------------------------------------------------ training runs
 
 
+@pytest.fixture(scope="session")
+def vla_zh(env, prefect_server) -> dict:
+    """The tiny SmolVLA run `vla-zh` (4 steps, archived), trained once per session for the tests that need it."""
+    return run_flow(env, smolvla(env, run_name="vla-zh"))
+
+
 @pytest.mark.slow
-def test_smolvla_trains_on_chinese_task_and_archives(env, prefect_server):
+def test_smolvla_trains_on_chinese_task_and_archives(env, prefect_server, vla_zh):
     import pyarrow.parquet as pq
 
     assert TASK in pq.read_table(env["store"] / "meta/tasks.parquet").to_pandas().index
-    result = run_flow(env, smolvla(env, run_name="vla-zh"))
+    result = vla_zh
     out = Path(result["output_dir"])
     assert result["final_step"] == 4 and result["started_from"] == 0 and result["returncode"] == 0
     done = [c.name for c in ck.local_checkpoints(out / "lerobot") if ck.is_complete(c)]
@@ -100,7 +108,8 @@ def test_smolvla_trains_on_chinese_task_and_archives(env, prefect_server):
     assert json.loads((objects / "last").read_text()) == {"step": 4, "name": "000004"}
     run_json = json.loads((objects / "run.json").read_text())
     assert run_json["final_step"] == 4 and run_json["train_config"]["steps"] == 4
-    assert run_json["versions"]["lerobot"] == "0.4.4"
+    assert run_json["versions"]["lerobot"] == LEROBOT and run_json["versions"]["torch"]
+    assert run_json["lerobot_train"].endswith("lerobot-train")
     # recorded on the server, with artifacts
     runs = [r for r in flow_runs(prefect_server, "train") if r["parameters"]["request"]["run_name"] == "vla-zh"]
     assert runs and runs[0]["state_type"] == "COMPLETED"
@@ -112,11 +121,10 @@ def test_smolvla_trains_on_chinese_task_and_archives(env, prefect_server):
 
 
 @pytest.mark.slow
-def test_same_run_name_again_says_finished(env, prefect_server, capsys):
+def test_same_run_name_again_says_finished(env, prefect_server, vla_zh, capsys):
     from conveyor.cli import main
 
-    if not (env["base"] / "work/runs/vla-zh").exists():
-        pytest.skip("needs test_smolvla_trains_on_chinese_task_and_archives")
+    capsys.readouterr()
     rc = main(["--config", env["config"], "train", "--store", "grasp", "--policy-type", "smolvla",
                "--vlm-model-name", str(env["vlm"]), "--device", "cpu", "--steps", "4", "--save-freq", "2",
                "--batch-size", "2", "--num-workers", "0", "--run-name", "vla-zh",
@@ -208,24 +216,62 @@ def test_resume_from_s3_archive_on_another_machine(env, prefect_server, s3_endpo
     assert json.loads(last)["step"] == 6
 
 
+# ------------------------------------------------------------------ metric lines (real output, both versions)
+
+BAR = "Training:  50%|\u2588\u2588\u2588\u2588\u2588     | 1/2 [00:13<00:13, 13.37s/step]"
+LINES = {  # what lerobot-train printed for a tiny ACT here, after tqdm's bar on the same physical line
+    "0.4.4": "INFO 2026-11-25 21:58:38 ot_train.py:435 step:1 smpl:2 ep:0 epch:0.04 loss:74.946 grdn:253.335 "
+             "lr:1.0e-05 updt_s:13.225 data_s:0.149",
+    "0.6.1": "INFO 2026-11-25 21:27:36 ot_train.py:641 step:1 smpl:2 ep:0 epch:0.04 loss:72.144 grdn:260.996 "
+             "lr:1.0e-05 updt_s:1.998 data_s:0.032 smp/s:1 l1_loss:0.833 kld_loss:7.131",
+}
+
+
+@pytest.mark.parametrize("version", sorted(LINES))
+def test_metric_line_parses_after_the_progress_bar(version, tmp_path):
+    import io
+
+    from conveyor.training.lerobot_train import RunResult, _handle, parse_metrics
+
+    m = parse_metrics(LINES[version], batch_size=2, expected_step=1)
+    fields = LINES[version].split()
+    want = {k: float(v) for k, v in (f.split(":", 1) for f in fields[4:]) if k in ("loss", "grdn", "lr", "epch")}
+    assert (m.step, m.loss, m.grad_norm, m.lr, m.epoch) == (1, want["loss"], want["grdn"], want["lr"], want["epch"])
+    assert m.samples_per_s == pytest.approx(2 / (m.update_s + m.data_s))
+    seen, shown, log = [], [], io.StringIO()
+    result = RunResult(returncode=0, log_path=tmp_path / "x.log")
+    nxt = _handle(BAR + LINES[version], log, result, 2, 1, 1, shown.append, seen.append)
+    assert nxt == 2 and [x.step for x in seen] == [1] and shown == [LINES[version]]
+    assert log.getvalue() == BAR + "\n" + LINES[version] + "\n"
+    assert parse_metrics(LINES[version].replace("step:1 ", "step:2K "), 2, 2000).step == 2000
+
+
 # ------------------------------------------------------------------ archive integrity (no training)
 
 
-def _fake_run(env, tmp_path) -> ck.Checkpoint:
-    """A complete checkpoint from the SmolVLA run if it exists, else skip."""
-    src = env["base"] / "work/runs/vla-zh/lerobot/checkpoints/000002"
-    if not src.exists():
-        pytest.skip("needs test_smolvla_trains_on_chinese_task_and_archives")
+def _write_checkpoint(dst: Path, step: int) -> None:
+    """The files lerobot-train writes for one checkpoint (layout of 0.4.4 and 0.6.x), with stand-in tensors."""
+    for rel in ck.REQUIRED + ("pretrained_model/policy_preprocessor.json", "training_state/scheduler_state.json"):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dst / rel).write_bytes(os.urandom(256) if rel.endswith(".safetensors") else b"{}")
+    (dst / "training_state/training_step.json").write_text(json.dumps({"step": step}))
+    (dst / "pretrained_model/train_config.json").write_text(json.dumps({"steps": 4, "output_dir": str(dst.parents[1])}))
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> ck.Checkpoint:
+    """A complete local checkpoint 000002 with `last` pointing at it (no training needed)."""
     dst = tmp_path / "lerobot/checkpoints/000002"
-    shutil.copytree(src, dst)
+    _write_checkpoint(dst, 2)
     (dst.parent / "last").symlink_to("000002")
+    assert ck.is_complete(ck.Checkpoint(2, "000002", dst))
     return ck.Checkpoint(2, "000002", dst)
 
 
-def test_partial_upload_is_never_a_checkpoint(env, tmp_path):
+def test_partial_upload_is_never_a_checkpoint(checkpoint, tmp_path):
     from conveyor.storage import open_store
 
-    ckpt = _fake_run(env, tmp_path)
+    ckpt = checkpoint
     objects = open_store(f"file://{tmp_path / 'objects'}")
     ck.archive_checkpoint(objects, "p", ckpt, {"dataset": None})
     # an interrupted upload of step 4: every file but no manifest, and a pointer that already moved
@@ -243,14 +289,31 @@ def test_partial_upload_is_never_a_checkpoint(env, tmp_path):
     assert not (tmp_path / "machine3/checkpoints/000002").exists()
 
 
-def test_incomplete_local_checkpoint_is_ignored(env, tmp_path):
-    ckpt = _fake_run(env, tmp_path)
+def test_incomplete_local_checkpoint_is_ignored(checkpoint, tmp_path):
+    ckpt = checkpoint
     half = ckpt.path.parent / "000004"
     shutil.copytree(ckpt.path / "pretrained_model", half / "pretrained_model")   # killed before training_state
     assert ck.newest_local(tmp_path / "lerobot").step == 2
     assert ck.drop_incomplete(tmp_path / "lerobot", log=lambda m: None) == ["000004"]
     (ckpt.path.parent / "last").unlink()                        # saved, but `last` never moved: not trusted
     assert ck.newest_local(tmp_path / "lerobot") is None
+
+
+def test_resume_across_the_06_config_line_is_refused(env, settings, checkpoint):
+    """A checkpoint whose train_config.json uses the other side's names (eval_freq vs env_eval_freq)."""
+    from conveyor.training.attempt import resume_args
+    from conveyor.training.preflight import preflight
+
+    plan = preflight(smolvla(env), settings, run_name="generations")
+    cfg = json.loads(checkpoint.train_config.read_text())
+    theirs = "eval_freq" if plan.lerobot.uses_06_names else "env_eval_freq"
+    checkpoint.train_config.write_text(json.dumps({**cfg, theirs: 20000}))
+    with pytest.raises(ConveyorError) as e:
+        resume_args(plan, checkpoint)
+    assert e.value.path == str(checkpoint.train_config)
+    assert e.value.problem.startswith("checkpoint 000002 was written by a lerobot ")
+    assert e.value.problem.endswith(f"and this run's lerobot is {LEROBOT}; resume it with the lerobot that wrote "
+                                    "it, or start a new run_name.")
 
 
 # ------------------------------------------------------------------ preflight refusals
@@ -265,10 +328,12 @@ def settings(env):
 
 @pytest.mark.parametrize("change, where, sentence", [
     ({"options": {"dataset.single_task": "抓取方块"}}, "--dataset.single_task",
-     "`--dataset.single_task` is not a lerobot-train option in 0.4.4; set the task at ingest."),
+     f"`--dataset.single_task` is not a lerobot-train option in {LEROBOT}; set the task at ingest."),
     ({"options": {"optimizer.gradient_accumulation_steps": 4}}, "--optimizer.gradient_accumulation_steps",
-     "`--optimizer.gradient_accumulation_steps` does not exist in lerobot 0.4.4; lower batch_size or use the "
+     f"`--optimizer.gradient_accumulation_steps` does not exist in lerobot {LEROBOT}; lower batch_size or use the "
      "light recipe instead."),
+    ({"options": {"job.target": "a10g-small"}}, "--job.target",
+     "`--job.*` runs lerobot-train on Hugging Face Jobs; conveyor runs it on its own work pool."),
     ({"options": {"policy.push_to_hub": True}}, "--policy.push_to_hub",
      "`policy.push_to_hub=true` needs `policy.repo_id`; set one or leave push_to_hub off (conveyor's default)."),
     ({"options": {"steps": 10}}, "--steps", "`--steps` is set from the request; use the `steps` field."),
@@ -281,7 +346,7 @@ def settings(env):
     ({"store": "no-such-store"}, "no-such-store", "no store named `no-such-store` under"),
     ({"dataset_version": "999"}, None, "not the pinned 999; clear dataset_version or pin the current one."),
     ({"options": {"policy.not_a_field": 1}}, "options",
-     "the options do not parse as a lerobot 0.4.4 train config:"),
+     f"the options do not parse as a lerobot {LEROBOT} train config:"),
 ])
 def test_preflight_refuses_with_one_sentence(env, settings, change, where, sentence):
     from conveyor.training.preflight import preflight
@@ -327,6 +392,56 @@ def test_preflight_plan(env, settings):
     assert args["policy.chunk_size"] == "5"                     # the user's option beats the light recipe
     assert args["output_dir"] == str(settings.work_dir / "runs/planned/lerobot")
     assert plan.env["HF_HUB_OFFLINE"] == "1"
+    assert plan.lerobot.version == LEROBOT and plan.lerobot.same_as_conveyor
+    assert plan.lab_versions["lerobot"] == LEROBOT and plan.option_notes == []
+
+
+def test_preflight_passes_renamed_options_under_the_labs_name(env, settings):
+    from conveyor.training.preflight import preflight
+
+    plan = preflight(smolvla(env, options={**TINY_SMOLVLA, "eval_freq": 0}), settings, run_name="renamed")
+    args = dict(a[2:].split("=", 1) for a in plan.args)
+    if plan.lerobot.uses_06_names:
+        assert args["env_eval_freq"] == "0" and "eval_freq" not in args
+        assert plan.option_notes == [f"`eval_freq` is `env_eval_freq` in lerobot {LEROBOT}: passed as "
+                                     "`env_eval_freq`"]
+    else:
+        assert args["eval_freq"] == "0" and plan.option_notes == []
+
+
+def _fake_lab_env(root: Path, version: str) -> Path:
+    """A real venv whose installed lerobot metadata says `version`, with a lerobot-train script in it."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    site = next(root.glob("lib/python*/site-packages"))
+    dist = site / f"lerobot-{version}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: lerobot\nVersion: {version}\n")
+    exe = root / "bin/lerobot-train"
+    exe.write_text(f"#!{root / 'bin/python'}\nraise SystemExit('not a real lerobot-train')\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def test_preflight_refuses_a_lerobot_outside_the_supported_range(env, tmp_path):
+    from conveyor.settings import load_settings
+    from conveyor.training.preflight import preflight
+
+    exe = _fake_lab_env(tmp_path / "lab", "0.3.3")
+    cfg = tmp_path / "conveyor.toml"
+    cfg.write_text(Path(env["config"]).read_text() + f'\n[training]\nlerobot_train = "{exe}"\n')
+    with pytest.raises(ConveyorError) as e:
+        preflight(smolvla(env), load_settings(cfg), run_name="old")
+    assert e.value.path == str(exe)
+    assert e.value.problem == ("lerobot 0.3.3 is outside the supported range (0.4.4 to 0.6.x); install a "
+                               "supported lerobot in that environment.")
+    cfg.write_text(Path(env["config"]).read_text() + '\n[training]\nlerobot_train = "lab/bin/nothing-here"\n')
+    with pytest.raises(ConveyorError) as e:
+        preflight(smolvla(env), load_settings(cfg), run_name="old")
+    assert e.value.path == str(tmp_path / "lab/bin/nothing-here")      # relative to the config file
+    assert e.value.problem.startswith("no lerobot-train here; set training.lerobot_train")
 
 
 # ------------------------------------------------------------------ deployment form
@@ -367,7 +482,7 @@ def test_deployment_parameter_schema_is_the_request_form(prefect_server):
 def test_refused_request_fails_once_without_retries(env, prefect_server):
     """A preflight refusal is final: the flow's retries (meant for resuming) are not spent on it."""
     request = smolvla(env, run_name="refused-once", options={**TINY_SMOLVLA, "dataset.single_task": "x"})
-    with pytest.raises(ConveyorError, match="not a lerobot-train option in 0.4.4"):
+    with pytest.raises(ConveyorError, match=f"not a lerobot-train option in {LEROBOT}"):
         run_flow(env, request, retries=2)
     runs = [r for r in flow_runs(prefect_server, "train") if r["parameters"]["request"]["run_name"] == "refused-once"]
     assert [(r["state_type"], r["run_count"]) for r in runs] == [("FAILED", 1)]

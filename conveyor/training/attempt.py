@@ -46,14 +46,15 @@ class TrainResult(BaseModel):
     path_rewrites: list[str] = Field(default_factory=list)
 
 
-def versions() -> dict[str, str]:
+def versions(plan: TrainPlan) -> dict[str, str]:
+    """conveyor's own packages here, and python/lerobot/torch/transformers of the environment that trains."""
     out = {}
-    for pkg in ("conveyor", "lerobot", "torch", "transformers", "prefect"):
+    for pkg in ("conveyor", "prefect"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return {**out, **plan.lab_versions, "lerobot": plan.lerobot.version}
 
 
 def git_revision() -> str | None:
@@ -69,8 +70,8 @@ def lineage(plan: TrainPlan) -> dict:
     """What every archived checkpoint records about where it came from."""
     return {"dataset": {"root": str(plan.dataset_root), "repo_id": plan.repo_id,
                         "version": plan.dataset_version.model_dump() if plan.dataset_version else None},
-            "policy_type": plan.policy_type, "recipe": plan.recipe, "versions": versions(),
-            "git_revision": git_revision()}
+            "policy_type": plan.policy_type, "recipe": plan.recipe, "versions": versions(plan),
+            "lerobot_train": str(plan.lerobot.executable), "git_revision": git_revision()}
 
 
 class Archiver:
@@ -135,8 +136,22 @@ def start_point(plan: TrainPlan, objects: ObjectStore | None, log: Log) -> tuple
     return None, False
 
 
+def check_same_generation(plan: TrainPlan, ckpt: ck.Checkpoint) -> None:
+    """A train_config.json from before 0.6 (`eval_freq`) does not parse in 0.6 (`env_eval_freq`) and back:
+    refuse to resume across that line instead of failing inside lerobot-train."""
+    cfg = json.loads(ckpt.train_config.read_text())
+    key = "env_eval_freq" if plan.lerobot.uses_06_names else "eval_freq"
+    other = "eval_freq" if key == "env_eval_freq" else "env_eval_freq"
+    if other in cfg and key not in cfg:
+        era = "before 0.6" if other == "eval_freq" else "0.6 or later"
+        raise ConveyorError(ckpt.train_config, f"checkpoint {ckpt.name} was written by a lerobot {era} and this "
+                                               f"run's lerobot is {plan.lerobot.version}; resume it with the lerobot "
+                                               "that wrote it, or start a new run_name.")
+
+
 def resume_args(plan: TrainPlan, ckpt: ck.Checkpoint) -> tuple[list[str], list[str]]:
     """Rewrite stale paths inside the checkpoint, then the `--config_path ... --resume=true` arguments."""
+    check_same_generation(plan, ckpt)
     saved = ck.saved_paths(ckpt)
     mapping = {saved["output_dir"] or "": str(plan.lerobot_dir), saved["dataset.root"] or "": str(plan.dataset_root)}
     if plan.vlm_model_name and saved["policy.vlm_model_name"]:
@@ -210,7 +225,7 @@ def run_attempt(plan: TrainPlan, settings=None, *, log: Log = print, on_line: Lo
         import os
 
         env = {**os.environ, **plan.env}
-        cmd = lerobot_command(args, req.gpus)
+        cmd = lerobot_command(args, plan.lerobot.executable, req.gpus)
         if archiver:
             with archiver:
                 run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size,

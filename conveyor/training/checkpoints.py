@@ -1,7 +1,8 @@
 """lerobot-train checkpoints: which are complete, archiving them, fetching them back, fixing stale paths.
 
-Layout written by lerobot 0.4.4 (`<lerobot_dir>/checkpoints/<step, zero-padded>/{pretrained_model,training_state}`
-plus a relative `last` symlink updated *after* a save finishes). Archive layout (keys under the archive URL):
+Layout written by lerobot 0.4.4 and 0.6.x alike
+(`<lerobot_dir>/checkpoints/<step, zero-padded>/{pretrained_model,training_state}` plus a relative `last`
+symlink updated *after* a save finishes). Archive layout (keys under the archive URL):
 
     runs/<run>/checkpoints/<step>/<relative file>   every file of the checkpoint
     runs/<run>/checkpoints/<step>/manifest.json     written last: {file: {size, sha256}}, step, lineage

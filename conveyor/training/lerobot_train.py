@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,10 @@ from pathlib import Path
 from conveyor.processes import stop_process
 
 _NUM = r"[-+0-9.eE]+"
-# lerobot 0.4.4 MetricsTracker.__str__: "step:1K smpl:2K ep:3 epch:0.05 loss:0.123 grdn:4.567 lr:1.0e-04 updt_s:0.300 data_s:0.020"
+# MetricsTracker.__str__, the same fields in 0.4.4 and 0.6.x:
+#   "step:1K smpl:2K ep:3 epch:0.05 loss:0.123 grdn:4.567 lr:1.0e-04 updt_s:0.300 data_s:0.020"
+# 0.6 appends "smp/s:22" and the policy's sub-losses ("l1_loss:0.8 kld_loss:7.1", SmolVLA "losses_after_*"),
+# and prints it right after tqdm's "\rTraining: 25%|...| 1/4 [...]" on the same physical line (both versions).
 METRICS_RE = re.compile(
     rf"step:(?P<step>{_NUM})(?P<sfx>[KMBTQ]?) smpl:\S+ ep:\S+ epch:(?P<epoch>{_NUM}) loss:(?P<loss>{_NUM}|nan) "
     rf"grdn:(?P<grad>{_NUM}|nan|inf) lr:(?P<lr>{_NUM}) updt_s:(?P<updt>{_NUM}) data_s:(?P<data>{_NUM})")
@@ -68,13 +70,12 @@ class RunResult:
         return -self.returncode if self.returncode < 0 else None
 
 
-def lerobot_command(args: list[str], gpus: int = 1) -> list[str]:
-    """The console script next to this interpreter; `accelerate launch` for more than one GPU."""
-    bindir = Path(sys.executable).parent
+def lerobot_command(args: list[str], executable: Path, gpus: int = 1) -> list[str]:
+    """`executable` (the lab's lerobot-train); `accelerate launch` from the same environment for several GPUs."""
     if gpus > 1:
-        return [str(bindir / "accelerate"), "launch", "--multi_gpu", f"--num_processes={gpus}",
-                str(bindir / "lerobot-train"), *args]
-    return [str(bindir / "lerobot-train"), *args]
+        return [str(executable.parent / "accelerate"), "launch", "--multi_gpu", f"--num_processes={gpus}",
+                str(executable), *args]
+    return [str(executable), *args]
 
 
 def run_lerobot_train(cmd: list[str], env: dict[str, str], log_dir: Path, *, batch_size: int, log_freq: int,

@@ -5,13 +5,10 @@ the child's environment. The plan is plain data so it can travel between Prefect
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import shutil
-import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,8 @@ from pydantic import BaseModel
 
 from conveyor.errors import ConveyorError
 from conveyor.version import DatasetVersion
+from conveyor.training import lerobot_env
+from conveyor.training.lerobot_env import LerobotEnv
 from conveyor.training.recipes import choose_recipe, min_free_gib
 from conveyor.training.request import OptionValue, TrainRequest
 
@@ -26,11 +25,14 @@ HUB_VLM = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false", "SVT_LOG": "1", "WANDB_MODE": "disabled"}
 
-# option -> the one sentence that explains why it is refused
+# option -> the one sentence that explains why it is refused ({version}: the lab environment's lerobot)
 REFUSED = {
-    "dataset.single_task": "`--dataset.single_task` is not a lerobot-train option in 0.4.4; set the task at ingest.",
+    "dataset.single_task": "`--dataset.single_task` is not a lerobot-train option in {version}; set the task at "
+                           "ingest.",
     "optimizer.gradient_accumulation_steps": "`--optimizer.gradient_accumulation_steps` does not exist in "
-                                             "lerobot 0.4.4; lower batch_size or use the light recipe instead.",
+                                             "lerobot {version}; lower batch_size or use the light recipe instead.",
+    "save_checkpoint_to_hub": "`--save_checkpoint_to_hub` pushes to the Hugging Face Hub and runs are offline; "
+                              "checkpoints are archived to object storage instead.",
     "dataset.repo_id": "`--dataset.repo_id` is set by conveyor from the store; choose the dataset with `store`.",
     "dataset.root": "`--dataset.root` is set by conveyor from the store; choose the dataset with `store`.",
     "output_dir": "`--output_dir` is set by conveyor; use the request's `output_dir` field.",
@@ -43,6 +45,9 @@ REFUSED = {
     "policy.vlm_model_name": "`--policy.vlm_model_name` is set from the request; use the `vlm_model_name` field.",
     "job_name": "`--job_name` is set by conveyor to the run name; use the `run_name` field.",
     "wandb.enable": "wandb is not available: runs are offline; use the run's logs and loss plot instead.",
+}
+REFUSED_PREFIXES = {
+    "job.": "`--job.*` runs lerobot-train on Hugging Face Jobs; conveyor runs it on its own work pool.",
 }
 for _f in ("steps", "batch_size", "save_freq", "log_freq", "seed", "num_workers"):
     REFUSED[_f] = f"`--{_f}` is set from the request; use the `{_f}` field."
@@ -66,6 +71,9 @@ class TrainPlan(BaseModel):
     batch_size: int
     video_backend: str
     free_gib: float | None = None
+    lerobot: LerobotEnv         # which lerobot-train, which lerobot version
+    lab_versions: dict[str, str] = {}   # python/lerobot/torch/transformers of that environment
+    option_notes: list[str] = []        # options passed under the name the lab's lerobot knows
     args: list[str]             # lerobot-train arguments of a fresh start
     env: dict[str, str]         # added to the child's environment
     archive_url: str | None = None
@@ -111,7 +119,7 @@ def _version_matches(v: DatasetVersion, pin: str) -> bool:
     return pin in (str(v.commit), v.short) or (len(pin) >= 6 and v.content_hash.startswith(pin))
 
 
-def _fast_validation(root: Path) -> str | None:
+def _fast_validation(root: Path, version: str) -> str | None:
     """First failure of the store's fast validation (a plain v3.0 folder gets basic checks), else None."""
     from conveyor.store import is_store
     from conveyor.validate import validate_fast
@@ -128,7 +136,7 @@ def _fast_validation(root: Path) -> str | None:
     except (OSError, ValueError):
         return "meta/info.json is missing or not JSON"
     if meta.get("codebase_version") != "v3.0":
-        return f"codebase_version is {meta.get('codebase_version')!r}, lerobot 0.4.4 trains on v3.0"
+        return f"codebase_version is {meta.get('codebase_version')!r}, lerobot {version} trains on v3.0"
     if not meta.get("total_episodes"):
         return "the dataset has no episodes"
     return None
@@ -142,15 +150,6 @@ def _existing_parent(p: Path) -> Path:
     while not p.exists() and p != p.parent:
         p = p.parent
     return p
-
-
-def video_backend() -> str:
-    """torchcodec only when it really loads (it needs FFmpeg's shared libraries), else pyav."""
-    try:
-        from torchcodec.decoders import VideoDecoder  # noqa: F401
-        return "torchcodec"
-    except Exception:  # noqa: BLE001 -- ImportError or RuntimeError("Could not load libtorchcodec")
-        return "pyav"
 
 
 def gpu_free_gib(gpus: int) -> tuple[bool, float | None, int]:
@@ -171,10 +170,13 @@ def _local_config(folder: Path) -> dict:
         return {}
 
 
-def check_options(options: dict[str, OptionValue]) -> None:
+def check_options(options: dict[str, OptionValue], version: str) -> None:
     for key, value in options.items():
         if key in REFUSED and not (key == "wandb.enable" and value in (False, "false")):
-            raise refuse(f"--{key}", REFUSED[key])
+            raise refuse(f"--{key}", REFUSED[key].format(version=version))
+        for prefix, sentence in REFUSED_PREFIXES.items():
+            if key.startswith(prefix):
+                raise refuse(f"--{key}", sentence)
     push = str(options.get("policy.push_to_hub", "false")).lower() == "true"
     if push and not options.get("policy.repo_id"):
         raise refuse("--policy.push_to_hub", "`policy.push_to_hub=true` needs `policy.repo_id`; set one or "
@@ -204,24 +206,47 @@ def _vlm(req: TrainRequest, policy_type: str, policy_path: Path | None) -> str |
     return str(p.resolve())
 
 
-def _backbone_weights(policy_type: str, policy_path: Path | None, options: dict[str, OptionValue]) -> None:
-    """ACT's default ImageNet ResNet18 weights come from download.pytorch.org: refuse unless cached."""
-    if policy_type != "act" or policy_path or "policy.pretrained_backbone_weights" in options:
+def versioned_options(options: dict[str, OptionValue], env: LerobotEnv) -> tuple[dict[str, OptionValue], list[str]]:
+    """The request's options under the names the lab's lerobot knows (0.6 renamed `eval_freq`), with a note
+    for each renamed one; RA-BC options that changed shape between 0.4.4 and 0.6 are refused."""
+    out, notes = {}, []
+    renames = lerobot_env.RENAMED_IN_06 if env.uses_06_names \
+        else {new: old for old, new in lerobot_env.RENAMED_IN_06.items()}
+    for key, value in options.items():
+        if env.uses_06_names and key in lerobot_env.RABC_044:
+            raise refuse(f"--{key}", f"`--{key}` is `--sample_weighting.*` (type=rabc) in lerobot {env.version}; "
+                                     "use those options.")
+        if not env.uses_06_names and key.startswith("sample_weighting."):
+            raise refuse(f"--{key}", f"`--{key}` does not exist in lerobot {env.version}; use its `use_rabc` and "
+                                     "`rabc_*` options.")
+        if key in renames:
+            notes.append(f"`{key}` is `{renames[key]}` in lerobot {env.version}: passed as `{renames[key]}`")
+            key = renames[key]
+        out[key] = value
+    return out, notes
+
+
+def _backbone_weights(policy: dict | None, hub_checkpoints: str, policy_path: Path | None,
+                      options: dict[str, OptionValue]) -> None:
+    """A default ImageNet backbone (ACT; Diffusion since 0.6) comes from download.pytorch.org: refuse unless
+    it is in the torch cache of the lab's environment."""
+    weights = (policy or {}).get("pretrained_backbone_weights")
+    if not weights or policy_path or "policy.pretrained_backbone_weights" in options:
         return
-    import torch
-
-    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    if not any(ckpt_dir.glob("resnet18-*.pth")):
-        raise refuse(ckpt_dir, "ACT's default ImageNet backbone (ResNet18_Weights.IMAGENET1K_V1) is not in the "
-                               "torch cache and runs are offline; cache it, or set option "
-                               "policy.pretrained_backbone_weights=null to train the backbone from scratch.")
+    arch = weights.split("_Weights")[0].lower()           # ResNet18_Weights.IMAGENET1K_V1 -> resnet18
+    if not any(Path(hub_checkpoints).glob(f"{arch}-*.pth")):
+        raise refuse(hub_checkpoints, f"{policy['type']}'s default ImageNet backbone ({weights}) is not in the "
+                                      "torch cache and runs are offline; cache it, or set option "
+                                      "policy.pretrained_backbone_weights=null to train the backbone from scratch.")
 
 
-def build_args(*, repo_id: str, root: Path, vb: str, policy_type: str, policy_path: Path | None,
+def build_args(*, repo_id: str, root: Path, vb: str | None, policy_type: str, policy_path: Path | None,
                vlm: str | None, device: str, lerobot_dir: Path, run_name: str, req: TrainRequest,
-               batch_size: int, recipe_options: dict[str, OptionValue]) -> list[str]:
-    opts: dict[str, OptionValue] = {"dataset.repo_id": repo_id, "dataset.root": str(root),
-                                    "dataset.video_backend": vb}
+               batch_size: int, recipe_options: dict[str, OptionValue],
+               options: dict[str, OptionValue]) -> list[str]:
+    opts: dict[str, OptionValue] = {"dataset.repo_id": repo_id, "dataset.root": str(root)}
+    if vb:
+        opts["dataset.video_backend"] = vb
     if policy_path:
         opts["policy.path"] = str(policy_path)
     else:
@@ -234,42 +259,17 @@ def build_args(*, repo_id: str, root: Path, vb: str, policy_type: str, policy_pa
                  "batch_size": batch_size, "save_freq": req.save_freq, "log_freq": req.log_freq,
                  "seed": req.seed, "num_workers": req.num_workers, "wandb.enable": False})
     opts.update(recipe_options)
-    opts.update(req.options)           # the user's word last
+    opts.update(options)               # the user's word last
     return [f"--{k}={fmt_value(v)}" for k, v in opts.items()]
-
-
-def parse_train_config(args: list[str]):
-    """Parse + validate exactly as `lerobot-train` would (its draccus parser, its `validate()`).
-
-    `validate()` reads `sys.argv` (for --policy.path / --config_path), so argv is swapped for the call.
-    """
-    import lerobot.policies  # noqa: F401 -- registers the policy config choices (--policy.type=...)
-    from lerobot.configs import parser
-    from lerobot.configs.train import TrainPipelineConfig
-
-    def _parse(cfg):
-        cfg.validate()
-        return cfg
-
-    _parse.__annotations__ = {"cfg": TrainPipelineConfig}   # parser.wrap reads the real type, not a string
-    saved = sys.argv
-    err = io.StringIO()
-    sys.argv = ["lerobot-train", *args]
-    try:
-        with redirect_stderr(err), redirect_stdout(io.StringIO()):
-            return parser.wrap()(_parse)()
-    except SystemExit:
-        lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
-        raise ValueError(lines[-1] if lines else "invalid arguments") from None
-    finally:
-        sys.argv = saved
 
 
 def preflight(req: TrainRequest, settings, *, run_name: str, cuda_probe=gpu_free_gib) -> TrainPlan:
     """Resolve and check `req` on this machine; raise ConveyorError with one sentence on the first problem."""
-    check_options(req.options)
+    env = lerobot_env.resolve(settings)
+    check_options(req.options, env.version)
+    options, notes = versioned_options(req.options, env)
     root = resolve_store(req.store, settings)
-    problem = _fast_validation(root)
+    problem = _fast_validation(root, env.version)
     if problem:
         raise refuse(root, f"the store fails fast validation ({problem}); run `conveyor validate {root}`.")
     version = dataset_version(root)
@@ -281,7 +281,6 @@ def preflight(req: TrainRequest, settings, *, run_name: str, cuda_probe=gpu_free
 
     policy_type, policy_path = _policy(req)
     vlm = _vlm(req, policy_type, policy_path)
-    _backbone_weights(policy_type, policy_path, req.options)
 
     free = None
     if req.device == "cuda":
@@ -306,22 +305,24 @@ def preflight(req: TrainRequest, settings, *, run_name: str, cuda_probe=gpu_free
         raise refuse(output_dir, f"only {free_disk / 1e9:.1f} GB free here, training needs at least twice the "
                                  f"dataset ({2 * size / 1e9:.1f} GB); free disk or choose another output_dir.")
 
-    vb = str(req.options.get("dataset.video_backend") or video_backend())
     repo_id = "local/" + (re.sub(r"[^A-Za-z0-9._-]", "_", root.name) or "dataset")
     lerobot_dir = output_dir / "lerobot"
-    args = build_args(repo_id=repo_id, root=root, vb=vb, policy_type=policy_type, policy_path=policy_path,
-                      vlm=vlm, device=req.device, lerobot_dir=lerobot_dir, run_name=run_name, req=req,
-                      batch_size=recipe.batch_size, recipe_options=recipe.options)
+    args = dict(repo_id=repo_id, root=root, policy_type=policy_type, policy_path=policy_path, vlm=vlm,
+                device=req.device, lerobot_dir=lerobot_dir, run_name=run_name, req=req,
+                batch_size=recipe.batch_size, recipe_options=recipe.options, options=options)
+    # lerobot's own parser and validate(), in the lab's environment, on a probe output dir (must not exist)
     probe_dir = _existing_parent(output_dir) / f".conveyor-preflight-{os.getpid()}-does-not-exist"
-    try:
-        parse_train_config([a if not a.startswith("--output_dir=") else f"--output_dir={probe_dir}" for a in args])
-    except Exception as e:  # noqa: BLE001 -- any parse/validate error is a refusal, in lerobot's words
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise refuse("options", f"the options do not parse as a lerobot 0.4.4 train config: {msg}") from None
+    answer = lerobot_env.probe(env, build_args(vb=None, **{**args, "lerobot_dir": probe_dir}), OFFLINE_ENV)
+    if answer["error"]:
+        raise refuse("options", f"the options do not parse as a lerobot {env.version} train config: "
+                                f"{answer['error']}")
+    _backbone_weights(answer["policy"], answer["torch_hub_checkpoints"], policy_path, req.options)
+    vb = str(options.get("dataset.video_backend") or answer["video_backend"])
 
     return TrainPlan(request=req, run_name=run_name, output_dir=output_dir, lerobot_dir=lerobot_dir,
                      dataset_root=root, repo_id=repo_id, dataset_version=version, dataset_bytes=size,
                      policy_type=policy_type, vlm_model_name=vlm, recipe=recipe.name,
                      recipe_reason=recipe.reason, batch_size=recipe.batch_size, video_backend=vb, free_gib=free,
-                     args=args, env=dict(OFFLINE_ENV),
+                     lerobot=env, lab_versions=answer["versions"], option_notes=notes,
+                     args=build_args(vb=vb, **args), env=dict(OFFLINE_ENV),
                      archive_url=(req.archive_url or settings.storage_url) if req.archive else None)
