@@ -58,16 +58,10 @@ def _settings(args):
 
 
 def open_repo(settings, url: str):
-    """ObjectStore for `url` with the configured S3 endpoint/credentials (or the named Prefect block)."""
-    from conveyor.storage import open_store
+    """Repo for `url` with the configured S3 endpoint/credentials (or the named Prefect block)."""
+    from tasks.repo import repo_from_settings  # prefect is imported only when a block is named
 
-    session = None
-    if url.startswith("s3://") and settings.s3.aws_credentials_block:
-        from tasks.backup import boto3_session_from_block  # imports prefect: only when a block is named
-        session, endpoint = boto3_session_from_block(settings.s3.aws_credentials_block)
-        if endpoint and not settings.s3.endpoint_url:
-            settings.s3.endpoint_url = endpoint
-    return open_store(url, settings.s3, settings.transfer, session=session)
+    return repo_from_settings(settings, url)
 
 
 def resolve_target(settings, spec: str) -> tuple[Path, str]:

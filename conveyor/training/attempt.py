@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from conveyor.errors import ConveyorError
 from conveyor.training import checkpoints as ck
 from conveyor.training.lossplot import plot_loss
-from conveyor.storage import ObjectStore, open_store
+from conveyor.repo import Repo, open_repo
 from conveyor.training.preflight import TrainPlan
 from conveyor.training.lerobot_train import StepMetrics, lerobot_command, run_lerobot_train
 
@@ -76,7 +76,7 @@ def lineage(plan: TrainPlan) -> dict:
 class Archiver:
     """Uploads each checkpoint once it is complete, in a background thread so training never waits."""
 
-    def __init__(self, objects: ObjectStore, plan: TrainPlan, log: Log):
+    def __init__(self, objects: Repo, plan: TrainPlan, log: Log):
         self.objects, self.plan, self.log = objects, plan, log
         self.lineage = lineage(plan)
         self.done: set[str] = set(ck.archived(objects, plan.run_name))
@@ -115,7 +115,7 @@ class Archiver:
         self._thread.join()
 
 
-def start_point(plan: TrainPlan, objects: ObjectStore | None, log: Log) -> tuple[ck.Checkpoint | None, bool]:
+def start_point(plan: TrainPlan, objects: Repo | None, log: Log) -> tuple[ck.Checkpoint | None, bool]:
     """Newest complete checkpoint of this run, local or archived (downloaded + verified); (None, False) = fresh."""
     if plan.lerobot_dir.exists():
         ck.drop_incomplete(plan.lerobot_dir, log)
@@ -154,7 +154,7 @@ def _append_metrics(path: Path, m: StepMetrics) -> None:
         f.write(json.dumps(dataclasses.asdict(m)) + "\n")
 
 
-def write_run_manifest(plan: TrainPlan, result: TrainResult, objects: ObjectStore | None, log: Log) -> None:
+def write_run_manifest(plan: TrainPlan, result: TrainResult, objects: Repo | None, log: Log) -> None:
     """run.json (request, lineage, versions, full train config) locally and, with loss plot and logs, archived."""
     final = ck.newest_local(plan.lerobot_dir)
     train_config = json.loads(final.train_config.read_text()) if final else None
@@ -179,7 +179,7 @@ def run_attempt(plan: TrainPlan, settings=None, *, log: Log = print, on_line: Lo
     """One attempt of the run described by `plan`; raises ConveyorError when lerobot-train fails."""
     req = plan.request
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    objects = (open_store(plan.archive_url, getattr(settings, "s3", None), getattr(settings, "transfer", None))
+    objects = (open_repo(plan.archive_url, getattr(settings, "s3", None), getattr(settings, "transfer", None))
                if plan.archive_url else None)
     ckpt, from_archive = start_point(plan, objects, log)
     result = TrainResult(run_name=plan.run_name, output_dir=str(plan.output_dir), requested_steps=req.steps,
