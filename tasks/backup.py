@@ -12,6 +12,7 @@ from conveyor.backup import BackupReport, PruneReport, VerifyReport
 from conveyor.backup import backup as core_backup
 from conveyor.backup import prune as core_prune
 from conveyor.backup import verify as core_verify
+from conveyor.datasets.retention import prune_versions
 from conveyor.errors import ConveyorError
 from conveyor.settings import load_settings
 from tasks.artifacts import Progress, slug
@@ -60,9 +61,14 @@ def verify_snapshot(url: str, snapshot: str, sample: int, config: str | None = N
 
 @task(name="apply-retention", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
 def apply_retention(url: str, keep_daily: int, keep_weekly: int, config: str | None = None) -> PruneReport:
-    with open_repo(config, url) as repo:
-        r = core_prune(repo, keep_daily, keep_weekly)
+    """Published dataset versions past their retention first, then snapshots, then unreferenced objects."""
     log = get_run_logger()
+    with open_repo(config, url) as repo:
+        v = prune_versions(repo, load_settings(config).datasets.keep_days)
+        r = core_prune(repo, keep_daily, keep_weekly)
+    if v.deleted:
+        log.info("%s: deleted %d expired published dataset version(s), kept %d (%d pinned by unfinished runs)", url,
+                 len(v.deleted), len(v.kept), len(v.pinned))
     log.info("%s: kept %d snapshot(s), deleted %d snapshot(s) and %d unreferenced object(s)", url, len(r.kept),
              len(r.deleted_snapshots), r.deleted_objects)
     if r.gc_skipped:

@@ -133,11 +133,16 @@ def _verify(args, settings) -> int:
 
 def _prune(args, settings) -> int:
     from conveyor.backup import prune
+    from conveyor.datasets.retention import prune_versions
 
     url = args.url or settings.storage_url
     with open_repo(settings, url) as repo:
+        v = prune_versions(repo, settings.datasets.keep_days)
         r = prune(repo, args.keep_daily if args.keep_daily is not None else settings.backup.keep_daily,
                   args.keep_weekly if args.keep_weekly is not None else settings.backup.keep_weekly)
+    if v.deleted:
+        print(f"{url}: deleted {len(v.deleted)} published dataset version(s) older than "
+              f"{settings.datasets.keep_days} days; kept {len(v.kept)} ({len(v.pinned)} pinned by unfinished runs)")
     print(f"{url}: kept {len(r.kept)} snapshot(s), deleted {len(r.deleted_snapshots)} snapshot(s) and "
           f"{r.deleted_objects} unreferenced object(s)")
     if r.gc_skipped:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from conveyor.datasets.cache import hold
 from conveyor.errors import ConveyorError
 from conveyor.training import checkpoints as ck
 from conveyor.training.lossplot import plot_loss
@@ -68,6 +69,7 @@ def git_revision() -> str | None:
 def lineage(plan: TrainPlan) -> dict:
     """What every archived checkpoint records about where it came from."""
     return {"dataset": {"root": str(plan.dataset_root), "repo_id": plan.repo_id,
+                        "store": plan.repo_id.split("/", 1)[-1], "pin": f"runs/{plan.run_name}/dataset.json",
                         "version": plan.dataset_version.model_dump() if plan.dataset_version else None},
             "policy_type": plan.policy_type, "recipe": plan.recipe, "versions": versions(),
             "git_revision": git_revision()}
@@ -211,16 +213,17 @@ def run_attempt(plan: TrainPlan, settings=None, *, log: Log = print, on_line: Lo
 
         env = {**os.environ, **plan.env}
         cmd = lerobot_command(args, req.gpus)
-        if archiver:
-            with archiver:
-                run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size,
-                                        log_freq=req.log_freq, start_step=result.started_from,
-                                        on_line=on_line, on_metrics=metrics_cb,
+        with hold(plan.dataset_root):         # the cached dataset version is not evicted while it trains
+            if archiver:
+                with archiver:
+                    run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size,
+                                            log_freq=req.log_freq, start_step=result.started_from,
+                                            on_line=on_line, on_metrics=metrics_cb,
+                                            pid_file=plan.output_dir / "train.pid")
+            else:
+                run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size, log_freq=req.log_freq,
+                                        start_step=result.started_from, on_line=on_line, on_metrics=metrics_cb,
                                         pid_file=plan.output_dir / "train.pid")
-        else:
-            run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size, log_freq=req.log_freq,
-                                    start_step=result.started_from, on_line=on_line, on_metrics=metrics_cb,
-                                    pid_file=plan.output_dir / "train.pid")
         result.returncode, result.log_path, result.seconds = run.returncode, str(run.log_path), run.seconds
         newest = ck.newest_local(plan.lerobot_dir)
         result.final_step = newest.step if newest else 0
