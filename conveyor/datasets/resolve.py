@@ -15,7 +15,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from conveyor.backup.format import ManifestFile
-from conveyor.datasets.format import PublishedVersion, find_version, matches, read_version, version_key
+from conveyor.datasets.format import (PublishedVersion, find_version, list_versions, matches, read_version,
+                                      version_key)
 from conveyor.datasets.materialize import MaterializeReport, materialize
 from conveyor.datasets.publish import publish
 from conveyor.datasets.retention import pin as pin_in_repo
@@ -129,6 +130,10 @@ def _first_resolution(name: str, pin: str | None, live: Path | None, repo: Repo 
         return find_version(repo, name, pin)
     if repo is None:
         raise _no_storage(settings, name)
+    if not list_versions(repo, name):
+        raise ConveyorError(name, f"no store named `{name}` under {settings.store_root} and none published to "
+                                  f"{repo.url}; name a store this worker holds, or publish it with "
+                                  f"`conveyor publish {name}` where it lives.")
     return find_version(repo, name, pin)
 
 
