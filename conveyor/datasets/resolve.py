@@ -166,9 +166,11 @@ def resolve_dataset(store: str, dataset_version: str | None, settings, *, run: s
         name = pin.store
         if live is not None and Store.open(live).version == pin.version and repo is None:
             pv = _local_version(live, name)
-        elif repo is None:
-            raise _no_storage(settings, name)
         else:
+            if pin.url and (repo is None or not repo.exists(version_key(name, pin.version))):
+                repo = open_configured_repo(settings, pin.url)  # where the first attempt found it
+            if repo is None:
+                raise _no_storage(settings, name)
             pv = read_version(repo, version_key(name, pin.version))
     report = materialize(pv, settings.cache_dir, repo=repo, live_store=live,
                          max_bytes=int(settings.cache_max_gb * 1e9), concurrency=settings.transfer.max_concurrency)
