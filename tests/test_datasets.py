@@ -23,7 +23,7 @@ from conveyor.datasets import cache as C
 from conveyor.datasets.format import find_version, list_versions, read_version
 from conveyor.datasets.materialize import materialize
 from conveyor.datasets.publish import publish
-from conveyor.datasets.resolve import resolve_dataset
+from conveyor.datasets.resolve import record_pin, resolve_dataset
 from conveyor.datasets.retention import pin, prune_versions
 from conveyor.errors import ConveyorError
 from conveyor.ingest import convert, ingest
@@ -151,6 +151,8 @@ def test_materialize_from_s3_on_a_worker_without_the_store(lab, tmp_path, s3_end
     worker = settings_for(tmp_path / "gpu", store_root=tmp_path / "gpu" / "stores", storage_url=url, s3=s3)
     first = resolve_dataset("lab", None, worker, run="r1", run_dir=tmp_path / "gpu" / "run1", archive_url=url,
                             log=lambda m: None)
+    assert first.new_pin and not B.snapshot_ids(repo)
+    record_pin(first, worker, run_dir=tmp_path / "gpu" / "run1", archive_url=url, log=lambda m: None)
     assert first.materialized.fetched_files == len(dataset_files(store)) and first.materialized.linked_store == 0
     assert tree(first.root) == dataset_files(store) and not (first.root / DOT).exists()
     assert first.root.is_relative_to(tmp_path / "gpu" / "cache") and (first.root.stat().st_mode & 0o222) == 0
