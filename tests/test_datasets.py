@@ -285,6 +285,24 @@ def test_bad_inputs_are_refused_before_training(lab, tmp_path):
     assert not (tmp_path / "w" / "cache" / "lab").exists() or not any((tmp_path / "w" / "cache" / "lab").iterdir())
 
 
+def test_ingest_flow_publishes_each_commit(prefect_server, tmp_path):
+    from flows.ingest import ingest as ingest_flow
+
+    src = tmp_path / "rec"
+    w = RecordingWriter(src, SPEC)
+    w.write_episode(0, 8)
+    cfg = tmp_path / "conveyor.toml"
+    cfg.write_text(f'store_root = "stores"\nwork_dir = "work"\nstorage_url = "file://objects"\n'
+                   f'[[sources]]\nname = "lab"\npath = "{src}"\n')
+    first = ingest_flow(source="lab", config=str(cfg), deep=False)
+    w.write_episode(1, 8)
+    second = ingest_flow(source="lab", config=str(cfg), deep=False)
+    assert ingest_flow(source="lab", config=str(cfg), deep=False)["added"] == []
+    repo = open_repo(f"file://{tmp_path / 'objects'}")
+    got = [(v.commit, v.hash_prefix) for v in list_versions(repo, "lab")]
+    assert got == [(r["version"]["commit"], r["version"]["content_hash"][:16]) for r in (first, second)]
+
+
 # ------------------------------------------------------------------ a training run keeps its version
 
 
