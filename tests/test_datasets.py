@@ -303,6 +303,15 @@ def test_ingest_flow_publishes_each_commit(prefect_server, tmp_path):
     assert got == [(r["version"]["commit"], r["version"]["content_hash"][:16]) for r in (first, second)]
 
 
+def test_cli_train_on_a_worker_without_the_store_or_storage_is_refused(prefect_server, tmp_path, capsys):
+    cfg = tmp_path / "conveyor.toml"
+    cfg.write_text('store_root = "stores"\nwork_dir = "work"\nstorage_url = ""\n')
+    rc = cli(["--config", str(cfg), "train", "--store", "ghost", "--device", "cpu", "--policy-type", "act"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("conveyor: error:")]
+    assert rc == 1 and len(err) == 1 and "set storage_url to where it is published" in err[0], err
+    assert not (tmp_path / "data").exists() and not any((tmp_path / "work").rglob("lerobot")), "nothing started"
+
+
 # ------------------------------------------------------------------ a training run keeps its version
 
 
