@@ -24,10 +24,12 @@ from pydantic import BaseModel, Field
 from conveyor.errors import ConveyorError
 from conveyor.version import DatasetVersion
 from conveyor.scrub import FileDamage, Progress, ScrubReport, _check, hash_file, scrub
-from conveyor.store import Store, _fsync_dir, crashpoint
-# the backup internals repair relies on, all in one place: list snapshots, read one, name its objects
-from conveyor.backup import ManifestFile, blob_key, pack_key, read_manifest, snapshot_ids
-from conveyor.storage import CorruptObject, MissingObject, ObjectStore, sha256_hex
+from conveyor.fileio import fsync_dir
+from conveyor.store import Store, crashpoint
+# the backup internals repair relies on, all in one place: list snapshots, read one, fetch a file's bytes
+from conveyor.backup import ManifestFile, read_manifest, snapshot_ids
+from conveyor.backup.objects import fetch as fetch_files
+from conveyor.repo import CorruptObject, MissingObject, Repo
 
 
 class Healed(BaseModel):
@@ -58,7 +60,7 @@ class RepairReport(BaseModel):
 # finding committed bytes in the backup repository
 
 
-def find_copies(repo: ObjectStore, wanted: dict[str, str]) -> dict[str, list[tuple[str, ManifestFile]]]:
+def find_copies(repo: Repo, wanted: dict[str, str]) -> dict[str, list[tuple[str, ManifestFile]]]:
     """path -> [(snapshot id, entry)] holding the wanted sha256, best first: same path before another
     path, newer snapshot before older. Every snapshot manifest of the repository is read (a few KB each)."""
     ids = list(reversed(snapshot_ids(repo)))  # newest first
@@ -77,24 +79,15 @@ def find_copies(repo: ObjectStore, wanted: dict[str, str]) -> dict[str, list[tup
     return {p: [(sid, f) for _, _, sid, f in sorted(c, key=lambda x: (x[0], x[1]))] for p, c in found.items()}
 
 
-def fetch(repo: ObjectStore, f: ManifestFile, dst: Path) -> None:
-    """Write one file's bytes from the repository to `dst` (fsynced); CorruptObject if they do not hash right."""
+def fetch(repo: Repo, f: ManifestFile, dst: Path) -> None:
+    """Write one file's bytes from the repository to `dst` (sha256-checked by the fetch, then fsynced)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if f.pack:
-        data = repo.get_bytes(pack_key(f.pack))[f.offset:f.offset + f.size]
-        if sha256_hex(data) != f.sha256:
-            raise CorruptObject(f"{repo.url}/{pack_key(f.pack)}", f"bytes for {f.path} do not match the manifest")
-        with open(dst, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-    else:
-        repo.get_file(blob_key(f.sha256), dst, expected_sha256=f.sha256)
-        with open(dst, "rb") as fd:
-            os.fsync(fd.fileno())
+    fetch_files(repo, [f.model_copy(update={"path": dst.name})], dst.parent, where="manifest", set_mtime=False)
+    with open(dst, "rb") as fd:
+        os.fsync(fd.fileno())
 
 
-def has_snapshots(repo: ObjectStore) -> bool:
+def has_snapshots(repo: Repo) -> bool:
     """Whether the repository holds any snapshot (what `scrub.repair` defaults on)."""
     return bool(snapshot_ids(repo))
 
@@ -108,7 +101,7 @@ def still_damaged(found: ScrubReport, repaired: RepairReport | None) -> list[Fil
 # --------------------------------------------------------------------------------------------------
 
 
-def repair(store: str | Path, repo: ObjectStore, *, found: ScrubReport | None = None,
+def repair(store: str | Path, repo: Repo, *, found: ScrubReport | None = None,
            progress: Progress | None = None, lock_timeout: float | None = 60.0) -> RepairReport:
     """Heal what `found` (default: a fresh scrub) lists as damaged or missing; see the module doc."""
     t0 = time.perf_counter()
@@ -158,7 +151,7 @@ def repair(store: str | Path, repo: ObjectStore, *, found: ScrubReport | None = 
                 with s._apply_lock(shared=False):  # noqa: SLF001 - the same rename lock a commit holds
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(staged, target)
-                    _fsync_dir(target.parent)
+                    fsync_dir(target.parent)
                 crashpoint("repair:renamed")
                 report.healed.append(Healed(path=d.path, snapshot=source, episodes=d.episodes,
                                             whole_store=d.whole_store, camera=d.camera, problem=d.problem))

@@ -158,6 +158,7 @@ class Supervisor:
             env["CONVEYOR_CONFIG"] = str(self.settings.config_path)
         # paths as resolved here: flow runs start in the checkout, not in the folder `up` was run from
         env.update(CONVEYOR_STORE_ROOT=str(self.settings.store_root), CONVEYOR_WORK_DIR=str(self.settings.work_dir),
+                   CONVEYOR_CACHE_DIR=str(self.settings.cache_dir),
                    CONVEYOR_STORAGE_URL=self.settings.storage_url)
         if self.demo:  # the environment beats the file, so the flows see the demo source too
             env["CONVEYOR_SOURCES"] = json.dumps([s.model_dump(mode="json") for s in self._sources()])

@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 from conveyor.settings import load_settings
 from conveyor.trigger import training_due
 from tasks.artifacts import episode_table, quarantine_summary
+from tasks.datasets import publish_task
 from tasks.views import (ingest_run_name, rename_this_run, store_overview, validation_failed,
                          validation_summary)
 from tasks.ingest import (append_episodes, record_version, trigger_training, validate_deep_task,
@@ -56,6 +57,7 @@ def ingest(source: str, config: str | None = None, deep: bool = True, train: boo
                            "" if deep else "Deep check (lerobot load): not run here; when the watch flow "
                                            "started this run, it adds the deep verdict here when done.")
         record_version(src.name, store, version)
+        publish_task(src.name, store, config)  # before any trigger: a worker elsewhere trains on this version
 
     if new or report.quarantined:
         try:

@@ -15,6 +15,7 @@ from conveyor.errors import ConveyorError
 from conveyor.settings import load_settings
 from flows.ingest import ingest
 from conveyor.trigger import training_due
+from tasks.datasets import publish_task
 from tasks.ingest import compact_store, trigger_training, validate_deep_task
 from tasks.scrub import scrub_and_repair
 from tasks.views import store_overview
@@ -36,6 +37,7 @@ def nightly(config: str | None = None, compact: bool = True, deep: bool = True) 
             if compact and res["version"]["total_episodes"]:
                 rep = compact_store(src.name, store)
                 row.update(files_before=rep.files_before, files_after=rep.files_after)
+                publish_task(src.name, store, config)  # the compacted commit is a version too
                 if rep.rewritten:
                     store_overview(src.name, store)  # a compaction is a commit: the store artifact follows
             if settings.scrub.enabled and res["version"]["total_episodes"]:  # after compaction, before training

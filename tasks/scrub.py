@@ -14,7 +14,8 @@ from conveyor.repair import RepairReport, has_snapshots, repair, still_damaged
 from conveyor.scrub import ScrubReport, format_episodes, scrub
 from conveyor.settings import load_settings
 from tasks.artifacts import Progress, slug
-from tasks.backup import open_repo, retry_transient
+from tasks.repo import open_repo_for as open_repo
+from tasks.retry import retry_transient
 from tasks.ingest import store_limit
 from tasks.retry import RETRY
 

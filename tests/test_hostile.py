@@ -23,7 +23,7 @@ import pytest
 from backup_helpers import moto_port, new_bucket, tree
 from conveyor import backup as B
 from conveyor.settings import S3Settings
-from conveyor.storage import open_store
+from conveyor.repo import open_repo
 from conveyor.store import Store
 from conveyor.scrub import scrub
 from conveyor.synthetic.recording import RecordingSpec, RecordingWriter
@@ -370,7 +370,7 @@ def test_s3_slowdown_mid_backup_is_retried_and_nothing_half_written_looks_comple
     assert conveyor("ingest", str(rec), str(store)).returncode == 0
     bucket = new_bucket(s3_endpoint)
     url = f"s3://{bucket}/b"
-    direct = open_store(url, S3Settings(endpoint_url=s3_endpoint))
+    direct = open_repo(url, S3Settings(endpoint_url=s3_endpoint))
 
     def config(endpoint: str) -> Path:
         cfg = tmp_path / "conveyor.toml"

@@ -16,9 +16,7 @@ LAYER_NAMES = {DOMAIN: "domain", PREFECT_LAYER: "tasks/flows", CLI: "cli"}
 
 # Known edges that the storage/backup split (helper `versions`, issue 11) removes: the lead empties this set at
 # merge (test_allowlist_lists_only_real_edges fails once an edge is gone). Any other arrow up or loop fails now.
-EXPECTED_TO_BE_FIXED: set[tuple[str, str]] = {
-    ("tasks.backup", "conveyor.cli.backup"),  # tasks/backup.py takes open_repo back from the CLI: the only loop
-}
+EXPECTED_TO_BE_FIXED: set[tuple[str, str]] = set()  # known edges against the order, each with a reason
 
 
 def module_name(path: Path) -> str:

@@ -242,7 +242,7 @@ def _nightly_config(tmp_path: Path, url: str, extra: str = "") -> Path:
 
 @pytest.mark.slow
 def test_nightly_scrubs_repairs_and_fails_loudly_on_lost_files(prefect_server, tmp_path):
-    from conveyor.storage import open_store
+    from conveyor.repo import open_repo
     from conveyor.supervisor import api
     import prefect.context
     from flows.nightly import nightly
@@ -255,7 +255,7 @@ def test_nightly_scrubs_repairs_and_fails_loudly_on_lost_files(prefect_server, t
     cfg = _nightly_config(tmp_path, url)
     store = tmp_path / "stores" / "lab"
     nightly(config=str(cfg), deep=False)
-    with open_store(url) as repo:
+    with open_repo(url) as repo:
         B.backup(store, repo)
     [video] = (store / "videos" / PHONE).rglob("*.mp4")
     zero_middle(video)

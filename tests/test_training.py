@@ -269,10 +269,10 @@ def checkpoint(tmp_path) -> ck.Checkpoint:
 
 
 def test_partial_upload_is_never_a_checkpoint(checkpoint, tmp_path):
-    from conveyor.storage import open_store
+    from conveyor.repo import open_repo
 
     ckpt = checkpoint
-    objects = open_store(f"file://{tmp_path / 'objects'}")
+    objects = open_repo(f"file://{tmp_path / 'objects'}")
     ck.archive_checkpoint(objects, "p", ckpt, {"dataset": None})
     # an interrupted upload of step 4: every file but no manifest, and a pointer that already moved
     for f in sorted(p for p in ckpt.path.rglob("*") if p.is_file()):
@@ -344,7 +344,7 @@ def settings(env):
     ({"policy_path": "lerobot/smolvla_base"}, "lerobot/smolvla_base",
      "policy_path is not a local pretrained policy folder with a config.json; runs are offline"),
     ({"store": "no-such-store"}, "no-such-store", "no store named `no-such-store` under"),
-    ({"dataset_version": "999"}, None, "not the pinned 999; clear dataset_version or pin the current one."),
+    ({"dataset_version": "999"}, None, "dataset version `999` of `grasp` is not published"),
     ({"options": {"policy.not_a_field": 1}}, "options",
      f"the options do not parse as a lerobot {LEROBOT} train config:"),
 ])
@@ -388,7 +388,8 @@ def test_preflight_plan(env, settings):
     assert plan.recipe == "light" and plan.video_backend == "pyav" and plan.batch_size == 2
     assert plan.dataset_version is not None and plan.dataset_version.total_episodes == 3
     args = dict(a[2:].split("=", 1) for a in plan.args)
-    assert args["policy.push_to_hub"] == "false" and args["dataset.root"] == str(env["store"])
+    assert args["policy.push_to_hub"] == "false" and args["dataset.root"] == str(plan.dataset_root)
+    assert plan.dataset_root.is_relative_to(settings.cache_dir), "lerobot reads the materialized version"
     assert args["policy.chunk_size"] == "5"                     # the user's option beats the light recipe
     assert args["output_dir"] == str(settings.work_dir / "runs/planned/lerobot")
     assert plan.env["HF_HUB_OFFLINE"] == "1"

@@ -46,15 +46,15 @@ class _TopFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from conveyor.cli import (backup as cli_backup, scrub as cli_scrub, service as cli_service, show as cli_show,
-                              store as cli_store, train as cli_train)
+    from conveyor.cli import (backup as cli_backup, datasets as cli_datasets, scrub as cli_scrub,
+                              service as cli_service, show as cli_show, store as cli_store, train as cli_train)
 
     p = argparse.ArgumentParser(prog="conveyor", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=_TopFormatter)
     p.add_argument("--config", metavar="FILE",
                    help="settings file (default: $CONVEYOR_CONFIG, else ./conveyor.toml, else built-in defaults)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mod in (cli_store, cli_show, cli_scrub, cli_service, cli_train, cli_backup):
+    for mod in (cli_store, cli_show, cli_scrub, cli_service, cli_train, cli_backup, cli_datasets):
         mod.register(sub)
     for action in p._actions:
         if isinstance(action, argparse._SubParsersAction):
