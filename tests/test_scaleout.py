@@ -1,0 +1,246 @@
+"""Scale-out on one machine: a Prefect server on PostgreSQL, S3 (moto), and "machines" that are folders.
+
+Each machine has its own folder, conveyor.toml, HOME and cache, and joins the shared server the way a lab's
+machines do: the recording PC runs `conveyor up --api-url URL --pools cpu` (watcher, cpu worker, deployments
+and the rescue automation on the shared server), each GPU box runs `conveyor worker --pool gpu --api-url URL`.
+A machine "dies" by SIGKILL of every process that carries its HOME.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conveyor.store import Store
+from conveyor.supervisor import api
+from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
+
+SPEC = RecordingSpec(fps=10, cameras=(CameraSpec("observation.images.cam", height=32, width=32, codec="h264"),))
+LEN = 12
+STEPS, SAVE_FREQ = 8, 4
+BUCKET = "lab"
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.5, why=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{why()}")
+
+
+class Machine:
+    """A folder standing for one computer: its settings, HOME and processes."""
+
+    def __init__(self, root: Path, s3_endpoint: str, *, store_root: str = "stores", extra: str = ""):
+        self.root = root
+        self.home = root / "home"
+        self.home.mkdir(parents=True)
+        self.config = root / "conveyor.toml"
+        self.config.write_text(f"""
+store_root = "{store_root}"
+work_dir = "work"
+storage_url = "s3://{BUCKET}/conveyor"
+[s3]
+endpoint_url = "{s3_endpoint}"
+addressing_style = "path"
+[prefect]
+home = "prefect"
+worker_query_seconds = 1
+{extra}
+""", encoding="utf-8")
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CONVEYOR_"))}
+        env["HOME"] = str(self.home)
+        return env
+
+    def conveyor(self, *args: str) -> subprocess.Popen:
+        log = self.root / f"{args[0]}-{len(self.procs)}.out"
+        with open(log, "wb") as out:
+            p = subprocess.Popen([sys.executable, "-m", "conveyor.cli", "--config", str(self.config), *args],
+                                 cwd=self.root, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        self.procs.append(p)
+        self.logs.append(log)
+        return p
+
+    def output(self) -> str:
+        return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-4000:]}" for p in self.logs)
+
+    def pids(self) -> list[int]:
+        needle = f"HOME={self.home}".encode()
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if needle in (d / "environ").read_bytes().split(b"\0"):
+                        out.append(int(d.name))
+                except OSError:
+                    pass
+        return out
+
+    def crash(self) -> None:
+        """The machine loses power: every process of it, SIGKILL, no cleanup."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            p.wait(10)
+
+    def stop(self) -> list[int]:
+        """Ctrl-C on every command of this machine; the exit codes."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        return [p.wait(90) for p in self.procs]
+
+
+def train_runs(api_url: str) -> list[dict]:
+    status, runs = api(api_url, "POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["train"]}}})
+    assert status == 200, runs
+    return runs
+
+
+def s3_json(s3, key: str) -> dict | None:
+    try:
+        return json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        return None
+
+
+def test_gpu_machine_dies_mid_run_and_another_resumes_it(postgres_prefect_server, s3_endpoint, tmp_path):
+    """Recording PC + two GPU boxes on a Prefect server backed by PostgreSQL: a growing recording is ingested,
+    training is triggered, GPU box 1 trains and archives a checkpoint, then dies; the server's rescue
+    automation reschedules the run, GPU box 2 takes it, resumes from the archived checkpoint and ends at the
+    requested step, with the dataset version the run was pinned to."""
+    import boto3
+
+    api_url = postgres_prefect_server.api_url
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket=BUCKET)
+    name = "lab-grasp"
+    pc = Machine(tmp_path / "recording-pc", s3_endpoint, extra=f"""
+[[sources]]
+name = "{name}"
+path = "rec"
+task = "pick the cube"
+[watch]
+settle_seconds = 0.3
+debounce_seconds = 0.1
+rescan_seconds = 5
+[training]
+policy = "every_n"
+every_n = 3
+[training.parameters.request]
+store = "{{store}}"
+dataset_version = "{{content_hash}}"
+policy_type = "act"
+device = "cpu"
+steps = {STEPS}
+save_freq = {SAVE_FREQ}
+batch_size = 2
+num_workers = 0
+log_freq = 1
+[training.parameters.request.options]
+"policy.pretrained_backbone_weights" = "null"
+"policy.dim_model" = 32
+"policy.dim_feedforward" = 64
+"policy.n_heads" = 2
+"policy.n_encoder_layers" = 1
+"policy.n_decoder_layers" = 1
+"policy.n_vae_encoder_layers" = 1
+"policy.chunk_size" = 5
+"policy.n_action_steps" = 5
+""")
+    # the GPU boxes: until dataset versions travel through object storage they read the store over a shared
+    # filesystem, at the recording PC's path
+    shared = str(pc.root / "stores")
+    gpu1 = Machine(tmp_path / "gpu-box-1", s3_endpoint, store_root=shared)
+    gpu2 = Machine(tmp_path / "gpu-box-2", s3_endpoint, store_root=shared)
+    machines = (pc, gpu1, gpu2)
+
+    def why() -> str:
+        return "\n".join(m.output() for m in machines)
+
+    rec = RecordingWriter(pc.root / "rec", SPEC)
+    store = pc.root / "stores" / name
+    try:
+        up = pc.conveyor("up", "--api-url", api_url, "--pools", "cpu")
+        gpu1.conveyor("worker", "--pool", "gpu", "--api-url", api_url)
+        wait_for(lambda: "conveyor is up" in pc.output() or up.poll() is not None, 240, "conveyor up", why=why)
+        assert up.poll() is None, why()
+        wait_for(lambda: "serving pool gpu" in gpu1.output(), 60, "gpu worker 1", why=why)
+        out1 = gpu1.output()
+        assert f"Prefect API:  {api_url}" in out1 and f"storage:     s3://{BUCKET}/conveyor" in out1
+        assert f"config:      {gpu1.config}" in out1 and str(gpu1.root / "work") in out1
+
+        # the recording grows: three episodes cross every_n = 3, ingest triggers training on that version
+        for ep in range(3):
+            rec.write_episode(ep, LEN)
+        wait_for(lambda: train_runs(api_url), 120, "the triggered train run", why=why)
+        v1 = Store.open(store).version
+        assert v1.total_episodes == 3
+        [run] = train_runs(api_url)
+        assert run["parameters"]["request"]["dataset_version"] == v1.content_hash
+        run_name = f"act-{name}-{run['id'][:8]}"
+        out_dir = gpu1.root / "work" / "runs" / run_name
+        manifest = f"conveyor/runs/{run_name}/checkpoints/{SAVE_FREQ:06d}/manifest.json"
+
+        # GPU box 1 trains; once step 4 is saved, training is frozen until that checkpoint is archived,
+        # then the whole box dies
+        ckpt = out_dir / "lerobot" / "checkpoints" / f"{SAVE_FREQ:06d}" / "training_state" / "training_step.json"
+        wait_for(ckpt.exists, 300, "gpu box 1 to save a checkpoint", interval=0.05, why=why)
+        os.kill(int((out_dir / "train.pid").read_text()), signal.SIGSTOP)
+        wait_for(lambda: s3_json(s3, manifest), 120, "the checkpoint's archive manifest", why=why)
+        gpu1.crash()
+        assert gpu1.pids() == []
+        assert not (out_dir / "lerobot" / "checkpoints" / f"{STEPS:06d}").exists()
+        status, r = api(api_url, "GET", f"/flow_runs/{run['id']}")
+        assert r["state"]["type"] == "RUNNING", "nobody told the server: the run looks alive"
+
+        # GPU box 2 joins; the server notices the missing heartbeats and reschedules the run for it
+        worker2 = gpu2.conveyor("worker", "--pool", "gpu", "--api-url", api_url)
+        out_dir2 = gpu2.root / "work" / "runs" / run_name
+
+        def finished():
+            status, r = api(api_url, "GET", f"/flow_runs/{run['id']}")
+            assert r["state"]["type"] not in ("FAILED", "CRASHED", "CANCELLED"), (r["state"], why())
+            return r["state"]["type"] == "COMPLETED" and r
+
+        done = wait_for(finished, 420, "gpu box 2 to finish the run", interval=2, why=why)
+        assert worker2.poll() is None
+        assert done["run_count"] >= 2
+        step = json.loads((out_dir2 / "lerobot/checkpoints" / f"{STEPS:06d}/training_state/training_step.json")
+                          .read_text())["step"]
+        assert step == STEPS
+        logs = sorted((out_dir2 / "logs").glob("train-*.log"))
+        assert len(logs) == 1 and "--resume=true" in logs[0].read_text()
+        assert f"resuming run {run_name} from archived checkpoint {SAVE_FREQ:06d}" in why()
+        assert s3_json(s3, f"conveyor/runs/{run_name}/last")["step"] == STEPS
+        run_doc = s3_json(s3, f"conveyor/runs/{run_name}/run.json")
+        assert run_doc["final_step"] == STEPS
+        assert run_doc["dataset"]["version"]["content_hash"] == v1.content_hash
+        assert run_doc["dataset"]["version"]["total_episodes"] == 3
+        final = s3_json(s3, f"conveyor/runs/{run_name}/checkpoints/{STEPS:06d}/manifest.json")
+        assert final["dataset"]["version"]["content_hash"] == v1.content_hash
+    finally:
+        codes = {m.root.name: m.stop() for m in machines}
+    assert codes == {"recording-pc": [0], "gpu-box-1": [-9], "gpu-box-2": [0]}, (codes, why())
+    assert [m.pids() for m in machines] == [[], [], []], "no orphan processes on any machine"
+    assert "conveyor worker: stopped" in gpu2.output()
