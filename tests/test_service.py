@@ -591,6 +591,10 @@ def test_shipped_pool_templates_and_prefect_yaml_register(prefect_api):
     k8s = json.loads((ROOT / "deployments" / "kubernetes-gpu.json").read_text())
     container = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    # the dataset cache lives on a volume mounted at the cache_dir the flows are told about
+    assert {"name": "cache", "mountPath": "{{ cache_mount }}"} in container["volumeMounts"]
+    props = k8s["variables"]["properties"]
+    assert props["env"]["default"]["CONVEYOR_CACHE_DIR"] == props["cache_mount"]["default"] == "/cache"
 
     env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_PROJECT_DIR"}
     p = _prefect_cli("deploy", "--all", env=env)
