@@ -1,4 +1,4 @@
-"""`python -m conveyor.cli`: the same entry point as the `conveyor` script."""
+"""`python -m conveyor.cli`."""
 import sys
 
 from conveyor.cli import main
