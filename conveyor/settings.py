@@ -56,6 +56,13 @@ class BackupSettings(BaseModel):
     include_sources: bool = Field(True, description="also back up the raw v2.1 recordings")
 
 
+class DatasetsSettings(BaseModel):
+    """Published dataset versions (`conveyor publish`, `conveyor datasets`)."""
+
+    keep_days: int = Field(30, ge=0, description="published versions younger than this are kept; older ones go, "
+                                                 "except each store's newest and any pinned by an unfinished run")
+
+
 class ScheduleSettings(BaseModel):
     nightly_cron: str = "0 2 * * *"
     timezone: str = "UTC"
@@ -95,6 +102,9 @@ class Settings(BaseSettings):
     store_root: Path = Path("data/stores")
     storage_url: str = "file://data/objects"
     work_dir: Path = Field(Path("data/work"), description="training outputs, caches")
+    cache_dir: Path = Field(Path("data/cache"), description="read-only materialized dataset versions of this worker")
+    cache_max_gb: float = Field(50.0, gt=0, description="size cap of cache_dir; least recently used versions go first")
+    datasets: DatasetsSettings = Field(default_factory=DatasetsSettings)
     sources: list[SourceSettings] = Field(default_factory=list)
     s3: S3Settings = Field(default_factory=S3Settings)
     transfer: TransferSettings = Field(default_factory=TransferSettings)
@@ -143,6 +153,7 @@ def _resolve(base: Path, s: Settings) -> Settings:
 
     s.store_root = r(s.store_root)
     s.work_dir = r(s.work_dir)
+    s.cache_dir = r(s.cache_dir)
     s.prefect.home = r(s.prefect.home)
     for src in s.sources:
         src.path = r(src.path)

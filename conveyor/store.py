@@ -28,6 +28,7 @@ from pathlib import Path
 
 from conveyor import layout
 from conveyor.errors import ConveyorError, StoreLocked
+from conveyor.fileio import fsync_dir, sha256_file, write_atomic
 from conveyor.models import DatasetVersion
 
 DOT = ".conveyor"
@@ -41,28 +42,6 @@ def crashpoint(name: str) -> None:
 
 def is_store(path: str | Path) -> bool:
     return (Path(path) / DOT).is_dir()
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -288,11 +267,11 @@ class Store:
             "remove": c.remove, "ledger": c.ledger,
         }
         for d in {p.parent for p in c.dir.rglob("*") if p.is_file()}:
-            _fsync_dir(d)
+            fsync_dir(d)
         crashpoint("staged")
-        _write_atomic(self.dot / "commits" / f"{version.commit:08d}.json",
+        write_atomic(self.dot / "commits" / f"{version.commit:08d}.json",
                       json.dumps(record, ensure_ascii=False).encode("utf-8"))
-        _fsync_dir(self.dot / "commits")
+        fsync_dir(self.dot / "commits")
         crashpoint("recorded")
         self._apply(record)
         return version
@@ -319,7 +298,7 @@ class Store:
                     f.flush()
                     os.fsync(f.fileno())
             crashpoint("ledger")
-            _write_atomic(self.dot / "HEAD", json.dumps(record["version"]).encode())
+            write_atomic(self.dot / "HEAD", json.dumps(record["version"]).encode())
         crashpoint("head")
         shutil.rmtree(staging, ignore_errors=True)
         for rel in record["remove"]:  # drop folders emptied by compaction

@@ -33,11 +33,8 @@ HEARTBEAT_SECONDS = 30  # flow-run heartbeats: the server notices a run whose ma
 
 
 def cache_dir(settings: Settings) -> Path:
-    """Where this machine keeps materialized dataset versions (the `cache_dir` setting, else data/cache)."""
-    configured = getattr(settings, "cache_dir", None)
-    if configured:
-        return Path(configured)
-    return settings.work_dir.parent / "cache"
+    """Where this machine keeps materialized dataset versions (the `cache_dir` setting)."""
+    return settings.cache_dir
 
 
 def flow_env(settings: Settings, api_url: str, home: Path, token: str,
@@ -54,8 +51,7 @@ def flow_env(settings: Settings, api_url: str, home: Path, token: str,
     # paths as resolved here: flow runs start in the checkout, not in the folder the command was run from
     env.update(CONVEYOR_STORE_ROOT=str(settings.store_root), CONVEYOR_WORK_DIR=str(settings.work_dir),
                CONVEYOR_STORAGE_URL=settings.storage_url)
-    if hasattr(settings, "cache_dir"):
-        env["CONVEYOR_CACHE_DIR"] = str(cache_dir(settings))
+    env["CONVEYOR_CACHE_DIR"] = str(settings.cache_dir)
     return env
 
 

@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 from conveyor.settings import load_settings
 from conveyor.trigger import render_parameters, training_due
 from tasks.artifacts import episode_table, quarantine_summary
+from tasks.datasets import publish_task
 from tasks.ingest import (append_episodes, record_version, trigger_training, validate_deep_task,
                           validate_fast_task)
 
@@ -43,6 +44,7 @@ def ingest(source: str, config: str | None = None, deep: bool = True, train: boo
         if deep:
             validate_deep_task(store, src.path, new)
         record_version(src.name, store, version)
+        publish_task(src.name, store, config)  # before any trigger: a worker elsewhere trains on this version
 
     run_id = None
     before = version.total_episodes - len(new)

@@ -14,6 +14,7 @@ from conveyor.errors import ConveyorError
 from conveyor.settings import load_settings
 from flows.ingest import ingest
 from conveyor.trigger import render_parameters, training_due
+from tasks.datasets import publish_task
 from tasks.ingest import compact_store, trigger_training, validate_deep_task
 
 
@@ -33,6 +34,7 @@ def nightly(config: str | None = None, compact: bool = True, deep: bool = True) 
             if compact and res["version"]["total_episodes"]:
                 rep = compact_store(src.name, store)
                 row.update(files_before=rep.files_before, files_after=rep.files_after)
+                publish_task(src.name, store, config)  # the compacted commit is a version too
             if deep and res["version"]["total_episodes"]:
                 validate_deep_task(store, src.path, None)
                 row["deep"] = "ok"

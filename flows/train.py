@@ -1,7 +1,8 @@
 """`train` flow (deployment `train/train` on work pool `gpu`) and `evaluate` flow.
 
 Retries are the resume mechanism: every attempt continues from the newest complete checkpoint of the run
-(local, else archived) and ends at exactly `request.steps`. The run name is fixed by the first attempt
+(local, else archived) and ends at exactly `request.steps`, on the dataset version the first attempt pinned
+(`runs/<run>/dataset.json`, materialized in the worker's cache; see `conveyor.datasets.resolve`). The run name is fixed by the first attempt
 (flow run id), so all retries and a later rerun with the same name share one run folder and archive prefix.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from prefect.runtime import flow_run
 
 from conveyor.errors import ConveyorError
 from conveyor.training.request import TrainRequest
+from tasks.datasets import release_pin_task
 from tasks.train import evaluate_task, preflight_task, run_task
 
 
@@ -35,6 +37,7 @@ def train(request: TrainRequest, config: str | None = None) -> dict[str, Any]:
         _refusal_is_final()
         raise
     result = run_task(plan, config)
+    release_pin_task(plan.run_name, plan.output_dir, plan.archive_url, config)
     return result.model_dump(mode="json")
 
 

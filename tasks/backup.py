@@ -1,11 +1,10 @@
-"""Prefect tasks around `conveyor.backup`: one snapshot per target, a sampled verify, retention, and the
-credentials block. Work lives in `conveyor.backup`; here are retries (transient storage errors only),
-logging and progress artifacts."""
+"""Prefect tasks around `conveyor.backup`: one snapshot per target, a sampled verify, retention. Work lives
+in `conveyor.backup`; here are retries (transient storage errors only, `tasks.retry`), logging and progress
+artifacts."""
 from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger, task
 
@@ -13,51 +12,14 @@ from conveyor.backup import BackupReport, PruneReport, VerifyReport
 from conveyor.backup import backup as core_backup
 from conveyor.backup import prune as core_prune
 from conveyor.backup import verify as core_verify
-from conveyor.errors import ConveyorError, StoreLocked
+from conveyor.datasets.retention import prune_versions
+from conveyor.errors import ConveyorError
 from conveyor.settings import load_settings
-from conveyor.storage import ObjectStore, TransientStorageError
 from tasks.artifacts import Progress, slug
-from tasks.retry import _exception
+from tasks.repo import open_repo_for as open_repo
+from tasks.retry import retry_transient
 
 DELAYS = [5.0, 30.0, 120.0]
-
-
-def is_transient(exc: BaseException | None) -> bool:
-    """Unreachable/overloaded storage, a busy store lock or a local I/O hiccup: worth another try.
-    Any other ConveyorError (bad credentials, missing bucket, bad source) is not."""
-    if isinstance(exc, (TransientStorageError, StoreLocked)):
-        return True
-    if isinstance(exc, ConveyorError):
-        return False
-    return isinstance(exc, (OSError, TimeoutError))
-
-
-def retry_transient(task_: Any, task_run: Any, state: Any) -> bool:
-    return is_transient(_exception(state))
-
-
-def boto3_session_from_block(name: str) -> tuple[Any, str | None]:
-    """A prefect-aws `AwsCredentials` block (or an `S3Bucket` block, using its credentials) -> a boto3
-    Session and the block's endpoint_url. `name` may be `block-type-slug/name` for any such block."""
-    from prefect.blocks.core import Block
-    from prefect_aws import AwsCredentials, S3Bucket
-
-    try:
-        block = Block.load(name) if "/" in name else AwsCredentials.load(name)
-    except ValueError as e:
-        raise ConveyorError(f"block {name!r}", f"cannot load the AWS credentials block: {e}") from None
-    if isinstance(block, S3Bucket):
-        block = block.credentials
-    if not hasattr(block, "get_boto3_session"):
-        raise ConveyorError(f"block {name!r}", "not an AwsCredentials or S3Bucket block")
-    params = getattr(block, "aws_client_parameters", None)
-    return block.get_boto3_session(), getattr(params, "endpoint_url", None)
-
-
-def open_repo(config: str | None, url: str) -> ObjectStore:
-    from conveyor.cli.backup import open_repo as open_with_settings  # the one place that applies blocks
-
-    return open_with_settings(load_settings(config), url)
 
 
 def _this_thread_only(cb):
@@ -99,9 +61,14 @@ def verify_snapshot(url: str, snapshot: str, sample: int, config: str | None = N
 
 @task(name="apply-retention", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
 def apply_retention(url: str, keep_daily: int, keep_weekly: int, config: str | None = None) -> PruneReport:
-    with open_repo(config, url) as repo:
-        r = core_prune(repo, keep_daily, keep_weekly)
+    """Published dataset versions past their retention first, then snapshots, then unreferenced objects."""
     log = get_run_logger()
+    with open_repo(config, url) as repo:
+        v = prune_versions(repo, load_settings(config).datasets.keep_days)
+        r = core_prune(repo, keep_daily, keep_weekly)
+    if v.deleted:
+        log.info("%s: deleted %d expired published dataset version(s), kept %d (%d pinned by unfinished runs)", url,
+                 len(v.deleted), len(v.kept), len(v.pinned))
     log.info("%s: kept %d snapshot(s), deleted %d snapshot(s) and %d unreferenced object(s)", url, len(r.kept),
              len(r.deleted_snapshots), r.deleted_objects)
     if r.gc_skipped:

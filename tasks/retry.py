@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from conveyor.errors import ConveyorError, StoreLocked
+from conveyor.repo import TransientStorageError
 
 
 def _exception(state: Any) -> BaseException | None:
@@ -18,9 +19,10 @@ def _exception(state: Any) -> BaseException | None:
 
 
 def is_transient(exc: BaseException | None) -> bool:
-    """OSError (EIO, NFS timeout, connection reset, disk briefly full) and a busy store lock are worth
-    retrying; ConveyorError means the input is bad, and retrying cannot fix it."""
-    if isinstance(exc, StoreLocked):
+    """OSError (EIO, NFS timeout, connection reset, disk briefly full), unreachable or overloaded object
+    storage and a busy store lock are worth retrying; any other ConveyorError (bad credentials, missing
+    bucket, bad source) means the input is bad, and retrying cannot fix it."""
+    if isinstance(exc, (StoreLocked, TransientStorageError)):
         return True
     if isinstance(exc, ConveyorError):
         return False

@@ -23,8 +23,8 @@ from tasks.artifacts import slug
 @task(name="train-preflight", cache_policy=NONE)
 def preflight_task(request: TrainRequest, run_name: str, config: str | None = None) -> TrainPlan:
     """Refuse a bad request before any GPU time is spent (one sentence), else the resolved plan."""
-    plan = preflight(request, load_settings(config), run_name=run_name)
     log = get_run_logger()
+    plan = preflight(request, load_settings(config), run_name=run_name, log=log.info)
     log.info("run %s: %s on %s (%s), recipe %s (%s), batch %d, %d steps, video backend %s", plan.run_name,
              plan.policy_type, plan.dataset_root, plan.dataset_version.short if plan.dataset_version else "no ledger",
              plan.recipe, plan.recipe_reason, plan.batch_size, request.steps, plan.video_backend)

@@ -12,7 +12,7 @@ from pathlib import Path
 import boto3
 
 from conveyor.settings import S3Settings, TransferSettings
-from conveyor.storage import open_store
+from conveyor.repo import open_repo
 
 SECRET = "conveyor-test-secret-do-not-log"
 
@@ -24,14 +24,14 @@ def new_bucket(endpoint: str) -> str:
 
 
 def make_repo(backend: str, tmp: Path, endpoint: str | None, transfer: TransferSettings | None = None):
-    """(url, S3Settings, ObjectStore) for a fresh, empty repository on `backend` ('file' or 's3')."""
+    """(url, S3Settings, Repo) for a fresh, empty repository on `backend` ('file' or 's3')."""
     if backend == "file":
         url = f"file://{tmp / 'repo'}"
         s3 = S3Settings()
     else:
         url = f"s3://{new_bucket(endpoint)}/backups"
         s3 = S3Settings(endpoint_url=endpoint)
-    return url, s3, open_store(url, s3, transfer)
+    return url, s3, open_repo(url, s3, transfer)
 
 
 def raw_object(backend: str, url: str, endpoint: str | None, key: str, data: bytes | None = None) -> bytes:

@@ -19,7 +19,7 @@ from conveyor.cli import main as cli
 from conveyor.errors import ConveyorError
 from conveyor.ingest import convert, ingest
 from conveyor.settings import S3Settings
-from conveyor.storage import CorruptObject, open_store
+from conveyor.repo import CorruptObject, open_repo
 from conveyor.store import Store
 from conveyor.synthetic.recording import RecordingSpec, RecordingWriter, write_recording
 
@@ -33,9 +33,9 @@ def backend(request):
 
 @pytest.fixture
 def repo(backend, tmp_path, s3_endpoint):
-    url, s3, store = make_repo(backend, tmp_path, s3_endpoint)
-    yield url, s3, store
-    store.close()
+    url, s3, r = make_repo(backend, tmp_path, s3_endpoint)
+    yield url, s3, r
+    r.close()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def _store_files(store: Path) -> dict[str, str]:
 
 
 def test_incremental_store_backup_sends_only_new_files(repo, tmp_path):
-    url, _, store = repo
+    url, _, objects = repo
     src = tmp_path / "src"
     w = RecordingWriter(src, RecordingSpec())
     for ep in range(3):
@@ -58,7 +58,7 @@ def test_incremental_store_backup_sends_only_new_files(repo, tmp_path):
     lab = tmp_path / "stores" / "lab"
     convert(src, lab, data_mb=0.001, video_mb=0.001)  # tiny file limits: every episode adds new files
 
-    first = B.backup(lab, store)
+    first = B.backup(lab, objects)
     before = _store_files(lab)
     assert first.kind == "store" and first.version == Store.open(lab).version
     assert first.files_sent == first.files_total == len(before) and first.files_skipped == 0
@@ -70,67 +70,67 @@ def test_incremental_store_backup_sends_only_new_files(repo, tmp_path):
     new = {rel for rel, sha in after.items() if before.get(rel) != sha}
     assert 0 < len(new) < len(after)
 
-    second = B.backup(lab, store)
+    second = B.backup(lab, objects)
     assert second.version.total_episodes == 5
     assert second.files_sent == len(new), "only new or changed files travel"
     assert second.files_skipped == len(after) - len(new)
-    m = B.read_manifest(store, second.snapshot)
+    m = B.read_manifest(objects, second.snapshot)
     assert {f.path: f.sha256 for f in m.files} == after
 
-    third = B.backup(lab, store)
+    third = B.backup(lab, objects)
     assert third.files_sent == 0 and third.files_total == len(after)
 
 
 def test_no_change_backup_counts(repo, tmp_path, recording):
     """The local index supplies the hashes: nothing is hashed, sent or listed per file."""
-    url, _, store = repo
+    url, _, objects = repo
     src = tmp_path / "copy"
     subprocess.run(["cp", "-a", str(recording), str(src)], check=True)
     old = time.time_ns() - 10**10
     for p in src.rglob("*"):
         os.utime(p, ns=(old, old))
-    first = B.backup(src, store, index_dir=tmp_path / "idx")
+    first = B.backup(src, objects, index_dir=tmp_path / "idx")
     assert first.objects_sent <= 2, "small files are packed, not one object each"
     index = json.loads(next((tmp_path / "idx").glob("*.json")).read_text())
     assert len(index["files"]) == first.files_total
-    r = B.backup(src, store, index_dir=tmp_path / "idx", now=datetime.now(timezone.utc) + timedelta(seconds=1))
+    r = B.backup(src, objects, index_dir=tmp_path / "idx", now=datetime.now(timezone.utc) + timedelta(seconds=1))
     assert (r.files_sent, r.files_skipped, r.objects_sent) == (0, first.files_total, 0)
 
 
 def test_restore_is_byte_identical(repo, tmp_path, recording):
-    url, _, store = repo
+    url, _, objects = repo
     big = random_folder(tmp_path / "mixed", small=20, big=2)  # blobs and packs
     for name, folder in (("rec", recording), ("mixed", big)):
-        r = B.backup(folder, store, name=name)
+        r = B.backup(folder, objects, name=name)
         dst = tmp_path / f"restored-{name}"
-        B.restore(store, name, dst)
+        B.restore(objects, name, dst)
         assert tree(dst) == tree(folder), f"{name}: every file hashes the same"
         for p in folder.rglob("*"):
             if p.is_file():
                 assert (dst / p.relative_to(folder)).stat().st_mtime_ns == p.stat().st_mtime_ns
         with pytest.raises(ConveyorError, match="not empty"):
-            B.restore(store, r.snapshot, dst)
-        B.restore(store, r.snapshot, dst, force=True)
+            B.restore(objects, r.snapshot, dst)
+        B.restore(objects, r.snapshot, dst, force=True)
         assert tree(dst) == tree(folder)
 
 
 def test_restored_store_is_the_same_store(repo, tmp_path, recording):
-    url, _, store = repo
+    url, _, objects = repo
     lab = tmp_path / "lab"
     convert(recording, lab)
-    B.backup(lab, store)
+    B.backup(lab, objects)
     dst = tmp_path / "back"
-    B.restore(store, "lab", dst)
+    B.restore(objects, "lab", dst)
     assert tree(dst) == {rel: sha for rel, sha in tree(lab).items() if rel in _store_files(lab)}
     assert Store.open(dst).version == Store.open(lab).version
 
 
 def test_verify_full_catches_a_corrupted_object(repo, tmp_path, backend, s3_endpoint, capsys):
-    url, s3, store = repo
+    url, s3, objects = repo
     folder = random_folder(tmp_path / "f", small=10, big=2)
-    snap = B.backup(folder, store, name="f").snapshot
-    assert B.verify(store, snap, full=True).ok
-    m = B.read_manifest(store, snap)
+    snap = B.backup(folder, objects, name="f").snapshot
+    assert B.verify(objects, snap, full=True).ok
+    m = B.read_manifest(objects, snap)
     blob = next(f.object_key for f in m.files if not f.pack)
     pack = next(f.object_key for f in m.files if f.pack)
     for key in (blob, pack):
@@ -138,8 +138,8 @@ def test_verify_full_catches_a_corrupted_object(repo, tmp_path, backend, s3_endp
         data[len(data) // 2] ^= 0xFF  # same size, one byte flipped: only re-reading finds it
         raw_object(backend, url, s3_endpoint, key, bytes(data))
 
-    assert B.verify(store, snap, sample=0).ok, "sizes are right: a presence check cannot see it"
-    full = B.verify(store, snap, full=True)
+    assert B.verify(objects, snap, sample=0).ok, "sizes are right: a presence check cannot see it"
+    full = B.verify(objects, snap, full=True)
     assert not full.ok
     assert any(blob in f for f in full.failures) and any(pack in f for f in full.failures)
 
@@ -149,47 +149,47 @@ def test_verify_full_catches_a_corrupted_object(repo, tmp_path, backend, s3_endp
     err = capsys.readouterr().err
     assert blob in err and pack in err
     with pytest.raises(CorruptObject):
-        B.restore(store, snap, tmp_path / "r")
+        B.restore(objects, snap, tmp_path / "r")
 
 
 def test_retention_deletes_exactly_the_unreferenced_objects(repo, tmp_path):
-    url, _, store = repo
+    url, _, objects = repo
     folder = tmp_path / "f"
     base = datetime(2025, 3, 3, 3, 30, tzinfo=timezone.utc)  # a Monday
     ids = []
     for day in range(12):  # one snapshot a day, each adding a unique file; one file replaced each time
         random_folder(folder, small=2, big=0, seed=day)  # rewrites small_000/001 with new content
         (folder / f"day{day}.bin").write_bytes(os.urandom(2 << 20) if day % 3 == 0 else os.urandom(100))
-        ids.append(B.backup(folder, store, name="f", now=base + timedelta(days=day)).snapshot)
+        ids.append(B.backup(folder, objects, name="f", now=base + timedelta(days=day)).snapshot)
         if day == 5:
-            ids.append(B.backup(folder, store, name="f", now=base + timedelta(days=day, hours=1)).snapshot)
-    keep = B.select_retained(B.snapshot_ids(store), keep_daily=3, keep_weekly=2)
+            ids.append(B.backup(folder, objects, name="f", now=base + timedelta(days=day, hours=1)).snapshot)
+    keep = B.select_retained(B.snapshot_ids(objects), keep_daily=3, keep_weekly=2)
     # daily: days 11, 10, 9; weekly: ISO week 11's newest (day 11, Fri 14 Mar) and week 10's (day 6, Sun 9 Mar)
     assert keep == {ids[-1], ids[-2], ids[-3], ids[7]} and ids[7].endswith("20250309T033000.000Z")
-    referenced = set().union(*(B.read_manifest(store, i).object_keys() for i in keep))
-    before = {o.key for p in ("blobs/", "packs/") for o in store.list(p)}
+    referenced = set().union(*(B.read_manifest(objects, i).object_keys() for i in keep))
+    before = {o.key for p in ("blobs/", "packs/") for o in objects.list(p)}
     assert referenced < before
 
-    r = B.prune(store, keep_daily=3, keep_weekly=2)
-    after = {o.key for p in ("blobs/", "packs/") for o in store.list(p)}
+    r = B.prune(objects, keep_daily=3, keep_weekly=2)
+    after = {o.key for p in ("blobs/", "packs/") for o in objects.list(p)}
     assert after == referenced
     assert r.deleted_objects == len(before - referenced)
-    assert set(B.snapshot_ids(store)) == keep
+    assert set(B.snapshot_ids(objects)) == keep
     for i in keep:
-        assert B.verify(store, i, full=True).ok
+        assert B.verify(objects, i, full=True).ok
     oldest = min(keep, key=lambda i: i.split("/")[1])
-    B.restore(store, oldest, tmp_path / "old")
+    B.restore(objects, oldest, tmp_path / "old")
 
 
 def test_prune_skips_gc_while_a_backup_holds_a_lock(repo, tmp_path):
-    url, _, store = repo
+    url, _, objects = repo
     folder = random_folder(tmp_path / "f", small=3, big=0)
-    B.backup(folder, store, name="f")
+    B.backup(folder, objects, name="f")
     (folder / "x").write_bytes(b"changed content")
-    B.backup(folder, store, name="f", now=datetime.now(timezone.utc) + timedelta(days=1))
-    store.put_bytes("locks/g-live.json", json.dumps({"host": "elsewhere", "pid": 1,
+    B.backup(folder, objects, name="f", now=datetime.now(timezone.utc) + timedelta(days=1))
+    objects.put_bytes("locks/g-live.json", json.dumps({"host": "elsewhere", "pid": 1,
                                                      "time": datetime.now(timezone.utc).isoformat()}).encode())
-    r = B.prune(store, keep_daily=1, keep_weekly=0)
+    r = B.prune(objects, keep_daily=1, keep_weekly=0)
     assert len(r.deleted_snapshots) == 1 and r.gc_skipped and r.deleted_objects == 0
 
 
@@ -207,7 +207,7 @@ def test_sigkill_mid_upload_leaves_no_broken_snapshot(tmp_path, s3_endpoint):
     cfg.write_text(f'work_dir = "{tmp_path / "work"}"\n[s3]\nendpoint_url = "{proxy.endpoint}"\n'
                    '[transfer]\nmax_concurrency = 2\n')
     url = f"s3://{bucket}/b"
-    direct = open_store(url, S3Settings(endpoint_url=s3_endpoint))
+    direct = open_repo(url, S3Settings(endpoint_url=s3_endpoint))
     p = _run_cli("--config", str(cfg), "backup", str(folder), "--to", url)
     deadline = time.monotonic() + 60
     while not any(True for _ in direct.list("blobs/")):
@@ -299,7 +299,7 @@ def test_flow_retries_then_fails_cleanly_when_s3_drops(prefect_server, tmp_path,
     runs, logs, _ = _task_runs(state.state_details.flow_run_id)
     (bt,) = [r for r in runs if r.name.startswith("backup-target")]
     assert bt.run_count == 3, "two retries on the transient error, then failed"
-    direct = open_store(f"s3://{bucket}/b", S3Settings(endpoint_url=s3_endpoint))
+    direct = open_repo(f"s3://{bucket}/b", S3Settings(endpoint_url=s3_endpoint))
     assert B.snapshot_ids(direct) == [], "no manifest written"
     assert SECRET not in logs and "AKIDCONVEYORFLOW" not in logs
 
@@ -321,8 +321,8 @@ def test_flow_one_failing_target_does_not_stop_the_others(prefect_server, tmp_pa
                        [("lab", recording), ("gone", tmp_path / "no-such-folder")])
     state = backup_flow(config=str(cfg), retry_delay_seconds=[0.1], return_state=True)
     assert state.is_failed() and "gone.source" in str(state.message)
-    store = open_store(repo_url)
-    assert sorted(i.split("/")[0] for i in B.snapshot_ids(store)) == ["lab", "lab.source"]
+    objects = open_repo(repo_url)
+    assert sorted(i.split("/")[0] for i in B.snapshot_ids(objects)) == ["lab", "lab.source"]
     runs, logs, arts = _task_runs(state.state_details.flow_run_id)
     failed = [r for r in runs if r.name.startswith("backup-target") and r.state.is_failed()]
     assert len(failed) == 1 and failed[0].run_count == 1, "a bad source is not retried"

@@ -9,7 +9,7 @@ import pytest
 
 from conveyor.errors import ConveyorError
 from conveyor.settings import S3Settings, TransferSettings
-from conveyor.storage import CorruptObject, MissingObject, TransientStorageError, open_store
+from conveyor.repo import CorruptObject, MissingObject, TransientStorageError, open_repo
 from backup_helpers import SECRET, make_repo, new_bucket
 
 SMALL_PARTS = TransferSettings(multipart_threshold_mb=5, multipart_chunksize_mb=5, max_concurrency=4)
@@ -22,9 +22,9 @@ def backend(request, s3_endpoint):
 
 @pytest.fixture
 def repo(backend, tmp_path, s3_endpoint):
-    url, _, store = make_repo(backend, tmp_path, s3_endpoint, SMALL_PARTS)
-    yield store
-    store.close()
+    url, _, r = make_repo(backend, tmp_path, s3_endpoint, SMALL_PARTS)
+    yield r
+    r.close()
 
 
 def test_round_trip_list_head_delete(repo, tmp_path):
@@ -73,21 +73,21 @@ def test_checksums_are_enforced_both_ways(repo, tmp_path):
 
 def test_bad_urls_and_missing_bucket(s3_endpoint):
     with pytest.raises(ConveyorError, match="unsupported storage URL"):
-        open_store("ftp://x/y")
+        open_repo("ftp://x/y")
     with pytest.raises(ConveyorError, match="needs a bucket"):
-        open_store("s3://")
-    store = open_store("s3://no-such-bucket-conveyor/p", S3Settings(endpoint_url=s3_endpoint))
+        open_repo("s3://")
+    repo = open_repo("s3://no-such-bucket-conveyor/p", S3Settings(endpoint_url=s3_endpoint))
     with pytest.raises(ConveyorError, match="bucket does not exist"):
-        store.put_bytes("k", b"1")
+        repo.put_bytes("k", b"1")
 
 
 def test_endpoint_from_standard_aws_environment(s3_endpoint, monkeypatch):
     """No endpoint in settings: botocore's AWS_ENDPOINT_URL_S3 is honoured."""
     bucket = new_bucket(s3_endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
-    store = open_store(f"s3://{bucket}/x", S3Settings())
-    store.put_bytes("k", b"via env")
-    assert store.get_bytes("k") == b"via env"
+    repo = open_repo(f"s3://{bucket}/x", S3Settings())
+    repo.put_bytes("k", b"via env")
+    assert repo.get_bytes("k") == b"via env"
 
 
 def test_unreachable_endpoint_is_transient_and_secret_free(monkeypatch, caplog):
@@ -97,8 +97,8 @@ def test_unreachable_endpoint_is_transient_and_secret_free(monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
     s3 = S3Settings(endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id="AKIDCONVEYORTEST",
                     secret_access_key=SECRET, session_token="tok-" + SECRET)
-    store = open_store("s3://bucket-x/p", s3)
+    repo = open_repo("s3://bucket-x/p", s3)
     with pytest.raises(TransientStorageError) as e:
-        store.put_bytes("k", b"1")
+        repo.put_bytes("k", b"1")
     assert "cannot reach" in str(e.value)
     assert SECRET not in str(e.value) and SECRET not in repr(s3) and SECRET not in caplog.text

@@ -223,10 +223,10 @@ def _fake_run(env, tmp_path) -> ck.Checkpoint:
 
 
 def test_partial_upload_is_never_a_checkpoint(env, tmp_path):
-    from conveyor.storage import open_store
+    from conveyor.repo import open_repo
 
     ckpt = _fake_run(env, tmp_path)
-    objects = open_store(f"file://{tmp_path / 'objects'}")
+    objects = open_repo(f"file://{tmp_path / 'objects'}")
     ck.archive_checkpoint(objects, "p", ckpt, {"dataset": None})
     # an interrupted upload of step 4: every file but no manifest, and a pointer that already moved
     for f in sorted(p for p in ckpt.path.rglob("*") if p.is_file()):

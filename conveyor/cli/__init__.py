@@ -15,11 +15,12 @@ Handler = Callable[[argparse.Namespace], int]
 
 def build_parser() -> argparse.ArgumentParser:
     from conveyor.cli import backup as cli_backup, service as cli_service, store as cli_store, train as cli_train
+    from conveyor.cli import datasets as cli_datasets
 
     p = argparse.ArgumentParser(prog="conveyor", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="conveyor.toml (default: $CONVEYOR_CONFIG or ./conveyor.toml)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mod in (cli_store, cli_service, cli_train, cli_backup):
+    for mod in (cli_store, cli_service, cli_train, cli_backup, cli_datasets):
         mod.register(sub)
     return p
 

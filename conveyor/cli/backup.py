@@ -58,16 +58,10 @@ def _settings(args):
 
 
 def open_repo(settings, url: str):
-    """ObjectStore for `url` with the configured S3 endpoint/credentials (or the named Prefect block)."""
-    from conveyor.storage import open_store
+    """Repo for `url` with the configured S3 endpoint/credentials (or the named Prefect block)."""
+    from tasks.repo import repo_from_settings  # prefect is imported only when a block is named
 
-    session = None
-    if url.startswith("s3://") and settings.s3.aws_credentials_block:
-        from tasks.backup import boto3_session_from_block  # imports prefect: only when a block is named
-        session, endpoint = boto3_session_from_block(settings.s3.aws_credentials_block)
-        if endpoint and not settings.s3.endpoint_url:
-            settings.s3.endpoint_url = endpoint
-    return open_store(url, settings.s3, settings.transfer, session=session)
+    return repo_from_settings(settings, url)
 
 
 def resolve_target(settings, spec: str) -> tuple[Path, str]:
@@ -139,11 +133,16 @@ def _verify(args, settings) -> int:
 
 def _prune(args, settings) -> int:
     from conveyor.backup import prune
+    from conveyor.datasets.retention import prune_versions
 
     url = args.url or settings.storage_url
     with open_repo(settings, url) as repo:
+        v = prune_versions(repo, settings.datasets.keep_days)
         r = prune(repo, args.keep_daily if args.keep_daily is not None else settings.backup.keep_daily,
                   args.keep_weekly if args.keep_weekly is not None else settings.backup.keep_weekly)
+    if v.deleted:
+        print(f"{url}: deleted {len(v.deleted)} published dataset version(s) older than "
+              f"{settings.datasets.keep_days} days; kept {len(v.kept)} ({len(v.pinned)} pinned by unfinished runs)")
     print(f"{url}: kept {len(r.kept)} snapshot(s), deleted {len(r.deleted_snapshots)} snapshot(s) and "
           f"{r.deleted_objects} unreferenced object(s)")
     if r.gc_skipped:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from conveyor.datasets.cache import hold
 from conveyor.errors import ConveyorError
 from conveyor.training import checkpoints as ck
 from conveyor.training.lossplot import plot_loss
-from conveyor.storage import ObjectStore, open_store
+from conveyor.repo import Repo, open_repo
 from conveyor.training.preflight import TrainPlan
 from conveyor.training.lerobot_train import StepMetrics, lerobot_command, run_lerobot_train
 
@@ -68,6 +69,7 @@ def git_revision() -> str | None:
 def lineage(plan: TrainPlan) -> dict:
     """What every archived checkpoint records about where it came from."""
     return {"dataset": {"root": str(plan.dataset_root), "repo_id": plan.repo_id,
+                        "store": plan.repo_id.split("/", 1)[-1], "pin": f"runs/{plan.run_name}/dataset.json",
                         "version": plan.dataset_version.model_dump() if plan.dataset_version else None},
             "policy_type": plan.policy_type, "recipe": plan.recipe, "versions": versions(),
             "git_revision": git_revision()}
@@ -76,7 +78,7 @@ def lineage(plan: TrainPlan) -> dict:
 class Archiver:
     """Uploads each checkpoint once it is complete, in a background thread so training never waits."""
 
-    def __init__(self, objects: ObjectStore, plan: TrainPlan, log: Log):
+    def __init__(self, objects: Repo, plan: TrainPlan, log: Log):
         self.objects, self.plan, self.log = objects, plan, log
         self.lineage = lineage(plan)
         self.done: set[str] = set(ck.archived(objects, plan.run_name))
@@ -115,7 +117,7 @@ class Archiver:
         self._thread.join()
 
 
-def start_point(plan: TrainPlan, objects: ObjectStore | None, log: Log) -> tuple[ck.Checkpoint | None, bool]:
+def start_point(plan: TrainPlan, objects: Repo | None, log: Log) -> tuple[ck.Checkpoint | None, bool]:
     """Newest complete checkpoint of this run, local or archived (downloaded + verified); (None, False) = fresh."""
     if plan.lerobot_dir.exists():
         ck.drop_incomplete(plan.lerobot_dir, log)
@@ -154,7 +156,7 @@ def _append_metrics(path: Path, m: StepMetrics) -> None:
         f.write(json.dumps(dataclasses.asdict(m)) + "\n")
 
 
-def write_run_manifest(plan: TrainPlan, result: TrainResult, objects: ObjectStore | None, log: Log) -> None:
+def write_run_manifest(plan: TrainPlan, result: TrainResult, objects: Repo | None, log: Log) -> None:
     """run.json (request, lineage, versions, full train config) locally and, with loss plot and logs, archived."""
     final = ck.newest_local(plan.lerobot_dir)
     train_config = json.loads(final.train_config.read_text()) if final else None
@@ -179,7 +181,7 @@ def run_attempt(plan: TrainPlan, settings=None, *, log: Log = print, on_line: Lo
     """One attempt of the run described by `plan`; raises ConveyorError when lerobot-train fails."""
     req = plan.request
     plan.output_dir.mkdir(parents=True, exist_ok=True)
-    objects = (open_store(plan.archive_url, getattr(settings, "s3", None), getattr(settings, "transfer", None))
+    objects = (open_repo(plan.archive_url, getattr(settings, "s3", None), getattr(settings, "transfer", None))
                if plan.archive_url else None)
     ckpt, from_archive = start_point(plan, objects, log)
     result = TrainResult(run_name=plan.run_name, output_dir=str(plan.output_dir), requested_steps=req.steps,
@@ -211,16 +213,17 @@ def run_attempt(plan: TrainPlan, settings=None, *, log: Log = print, on_line: Lo
 
         env = {**os.environ, **plan.env}
         cmd = lerobot_command(args, req.gpus)
-        if archiver:
-            with archiver:
-                run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size,
-                                        log_freq=req.log_freq, start_step=result.started_from,
-                                        on_line=on_line, on_metrics=metrics_cb,
+        with hold(plan.dataset_root):         # the cached dataset version is not evicted while it trains
+            if archiver:
+                with archiver:
+                    run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size,
+                                            log_freq=req.log_freq, start_step=result.started_from,
+                                            on_line=on_line, on_metrics=metrics_cb,
+                                            pid_file=plan.output_dir / "train.pid")
+            else:
+                run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size, log_freq=req.log_freq,
+                                        start_step=result.started_from, on_line=on_line, on_metrics=metrics_cb,
                                         pid_file=plan.output_dir / "train.pid")
-        else:
-            run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size, log_freq=req.log_freq,
-                                    start_step=result.started_from, on_line=on_line, on_metrics=metrics_cb,
-                                    pid_file=plan.output_dir / "train.pid")
         result.returncode, result.log_path, result.seconds = run.returncode, str(run.log_path), run.seconds
         newest = ck.newest_local(plan.lerobot_dir)
         result.final_step = newest.step if newest else 0

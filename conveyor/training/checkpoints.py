@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.errors import ConveyorError
-from conveyor.storage import ObjectStore, hash_file
+from conveyor.fileio import sha256_file
+from conveyor.repo import Repo
 
 MANIFEST = "manifest.json"
 REQUIRED = ("pretrained_model/config.json", "pretrained_model/model.safetensors",
@@ -101,7 +102,7 @@ def _files(ckpt: Checkpoint) -> list[Path]:
     return sorted(p for p in ckpt.path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def archive_checkpoint(objects: ObjectStore, run: str, ckpt: Checkpoint, lineage: dict[str, Any],
+def archive_checkpoint(objects: Repo, run: str, ckpt: Checkpoint, lineage: dict[str, Any],
                        attempts: int = 3, log: Callable[[str], None] = print) -> dict:
     """Upload one complete checkpoint; manifest last, then the `last` pointer. Retried on error."""
     prefix = f"{run_prefix(run)}checkpoints/{ckpt.name}/"
@@ -110,7 +111,7 @@ def archive_checkpoint(objects: ObjectStore, run: str, ckpt: Checkpoint, lineage
             entries, items = {}, []
             for f in _files(ckpt):
                 rel = f.relative_to(ckpt.path).as_posix()
-                digest = hash_file(f)                      # the store re-checks it on the way up
+                digest = sha256_file(f)                     # the store re-checks it on the way up
                 entries[rel] = {"size": f.stat().st_size, "sha256": digest}
                 items.append((f, prefix + rel, digest))
             objects.put_files(items)                       # concurrent on S3 (transfer manager)
@@ -127,14 +128,14 @@ def archive_checkpoint(objects: ObjectStore, run: str, ckpt: Checkpoint, lineage
     raise AssertionError("unreachable")
 
 
-def _move_last(objects: ObjectStore, run: str, ckpt: Checkpoint) -> None:
+def _move_last(objects: Repo, run: str, ckpt: Checkpoint) -> None:
     key = run_prefix(run) + "last"
     current = read_last(objects, run)
     if current is None or current["step"] <= ckpt.step:
         objects.put_bytes(key, json.dumps({"step": ckpt.step, "name": ckpt.name}).encode())
 
 
-def read_last(objects: ObjectStore, run: str) -> dict | None:
+def read_last(objects: Repo, run: str) -> dict | None:
     key = run_prefix(run) + "last"
     if not objects.exists(key):
         return None
@@ -145,7 +146,7 @@ def read_last(objects: ObjectStore, run: str) -> dict | None:
         return None
 
 
-def archived(objects: ObjectStore, run: str) -> dict[str, int]:
+def archived(objects: Repo, run: str) -> dict[str, int]:
     """name -> step of every archived checkpoint *with* a manifest (partial uploads are not listed)."""
     out = {}
     for info in objects.list(f"{run_prefix(run)}checkpoints/"):
@@ -155,7 +156,7 @@ def archived(objects: ObjectStore, run: str) -> dict[str, int]:
     return out
 
 
-def newest_archived(objects: ObjectStore, run: str) -> tuple[str, int] | None:
+def newest_archived(objects: Repo, run: str) -> tuple[str, int] | None:
     """The `last` pointer when its manifest exists, else the newest step that has one."""
     done = archived(objects, run)
     last = read_last(objects, run)
@@ -167,11 +168,11 @@ def newest_archived(objects: ObjectStore, run: str) -> tuple[str, int] | None:
     return name, done[name]
 
 
-def read_manifest(objects: ObjectStore, run: str, name: str) -> dict:
+def read_manifest(objects: Repo, run: str, name: str) -> dict:
     return json.loads(objects.get_bytes(f"{run_prefix(run)}checkpoints/{name}/{MANIFEST}"))
 
 
-def download_checkpoint(objects: ObjectStore, run: str, name: str, lerobot_dir: Path,
+def download_checkpoint(objects: Repo, run: str, name: str, lerobot_dir: Path,
                         log: Callable[[str], None] = print) -> Checkpoint:
     """Fetch an archived checkpoint into `<lerobot_dir>/checkpoints/<name>`, every file sha256-checked,
     staged in a hidden folder and renamed in place only when all files verified."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from conveyor.datasets.resolve import resolve_dataset
 from conveyor.errors import ConveyorError
 from conveyor.models import DatasetVersion
 from conveyor.training.recipes import choose_recipe, min_free_gib
@@ -85,30 +86,6 @@ def fmt_value(v: OptionValue) -> str:
     if v is None:
         return "null"
     return str(v)
-
-
-def resolve_store(store: str, settings) -> Path:
-    """A store name from settings (folder under store_root) or a dataset path."""
-    if re.fullmatch(r"[A-Za-z0-9._-]+", store) and (settings.store_root / store).is_dir():
-        return (settings.store_root / store).resolve()
-    p = Path(store).expanduser()
-    if p.is_dir():
-        return p.resolve()
-    raise refuse(store, f"no store named `{store}` under {settings.store_root} and no such dataset folder.")
-
-
-def dataset_version(root: Path) -> DatasetVersion | None:
-    """The store's committed version (None for a plain lerobot dataset folder)."""
-    try:
-        from conveyor.store import Store, is_store
-    except ImportError:
-        return None
-    return Store.open(root).version if is_store(root) else None
-
-
-def _version_matches(v: DatasetVersion, pin: str) -> bool:
-    pin = pin.strip()
-    return pin in (str(v.commit), v.short) or (len(pin) >= 6 and v.content_hash.startswith(pin))
 
 
 def _fast_validation(root: Path) -> str | None:
@@ -265,19 +242,18 @@ def parse_train_config(args: list[str]):
         sys.argv = saved
 
 
-def preflight(req: TrainRequest, settings, *, run_name: str, cuda_probe=gpu_free_gib) -> TrainPlan:
+def preflight(req: TrainRequest, settings, *, run_name: str, cuda_probe=gpu_free_gib, log=print) -> TrainPlan:
     """Resolve and check `req` on this machine; raise ConveyorError with one sentence on the first problem."""
     check_options(req.options)
-    root = resolve_store(req.store, settings)
+    output_dir = Path(req.output_dir).expanduser().resolve() if req.output_dir \
+        else (settings.work_dir / "runs" / run_name).resolve()
+    archive_url = (req.archive_url or settings.storage_url) if req.archive else None
+    ds = resolve_dataset(req.store, req.dataset_version, settings, run=run_name, run_dir=output_dir,
+                         archive_url=archive_url, log=log)
+    root, version = ds.root, ds.version
     problem = _fast_validation(root)
     if problem:
-        raise refuse(root, f"the store fails fast validation ({problem}); run `conveyor validate {root}`.")
-    version = dataset_version(root)
-    if req.dataset_version and version is not None and not _version_matches(version, req.dataset_version):
-        raise refuse(root, f"the store is at version {version.short}, not the pinned {req.dataset_version}; "
-                           "clear dataset_version or pin the current one.")
-    if req.dataset_version and version is None:
-        raise refuse(root, "dataset_version can only be pinned on a conveyor store (this folder has no ledger).")
+        raise refuse(root, f"the dataset fails fast validation ({problem}); run `conveyor validate {root}`.")
 
     policy_type, policy_path = _policy(req)
     vlm = _vlm(req, policy_type, policy_path)
@@ -298,8 +274,6 @@ def preflight(req: TrainRequest, settings, *, run_name: str, cuda_probe=gpu_free
                                     + ("use recipe light or auto." if recipe.name == "standard"
                                        else "free the GPU or use a larger one."))
 
-    output_dir = Path(req.output_dir).expanduser().resolve() if req.output_dir \
-        else (settings.work_dir / "runs" / run_name).resolve()
     size = _tree_bytes(root)
     free_disk = shutil.disk_usage(_existing_parent(output_dir)).free
     if free_disk < 2 * size:
@@ -307,7 +281,7 @@ def preflight(req: TrainRequest, settings, *, run_name: str, cuda_probe=gpu_free
                                  f"dataset ({2 * size / 1e9:.1f} GB); free disk or choose another output_dir.")
 
     vb = str(req.options.get("dataset.video_backend") or video_backend())
-    repo_id = "local/" + (re.sub(r"[^A-Za-z0-9._-]", "_", root.name) or "dataset")
+    repo_id = "local/" + (re.sub(r"[^A-Za-z0-9._-]", "_", ds.store) or "dataset")
     lerobot_dir = output_dir / "lerobot"
     args = build_args(repo_id=repo_id, root=root, vb=vb, policy_type=policy_type, policy_path=policy_path,
                       vlm=vlm, device=req.device, lerobot_dir=lerobot_dir, run_name=run_name, req=req,
@@ -324,4 +298,4 @@ def preflight(req: TrainRequest, settings, *, run_name: str, cuda_probe=gpu_free
                      policy_type=policy_type, vlm_model_name=vlm, recipe=recipe.name,
                      recipe_reason=recipe.reason, batch_size=recipe.batch_size, video_backend=vb, free_gib=free,
                      args=args, env=dict(OFFLINE_ENV),
-                     archive_url=(req.archive_url or settings.storage_url) if req.archive else None)
+                     archive_url=archive_url)

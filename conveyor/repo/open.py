@@ -1,0 +1,43 @@
+"""A repository from a URL, or from conveyor's settings (S3 endpoint, credentials, transfer knobs)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from conveyor.errors import ConveyorError
+from conveyor.repo.base import Repo
+from conveyor.repo.file import FileRepo
+from conveyor.repo.s3 import S3Repo
+from conveyor.settings import S3Settings, TransferSettings
+
+
+def open_repo(url: str, settings: S3Settings | None = None, transfer: TransferSettings | None = None,
+              session: Any = None) -> Repo:
+    """`file:///abs/path` or `s3://bucket[/prefix]` -> a Repo. `session`: a ready boto3.Session."""
+    if url.startswith("file://"):
+        path = url[len("file://"):]
+        if not path:
+            raise ConveyorError(url, "file:// URL needs a path, e.g. file:///srv/backups")
+        return FileRepo(Path(path).expanduser().resolve())
+    if url.startswith("s3://"):
+        rest = url[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ConveyorError(url, "s3:// URL needs a bucket, e.g. s3://my-bucket/conveyor")
+        return S3Repo(bucket, prefix, settings, transfer, session)
+    raise ConveyorError(url, "unsupported storage URL: use file:///path or s3://bucket/prefix")
+
+
+def open_configured_repo(settings, url: str | None = None, *, session: Any = None,
+                         endpoint_url: str | None = None) -> Repo:
+    """The repository at `url` (default `settings.storage_url`) with the configured S3 endpoint, credentials
+    and transfer settings. `session`/`endpoint_url`: a boto3 Session and endpoint the Prefect layer built
+    from a credentials block (`tasks.repo`); the configured endpoint wins over the block's."""
+    url = url or settings.storage_url
+    if not url:
+        raise ConveyorError(settings.config_path or "settings",
+                            "no storage_url is set; set storage_url to file:///path or s3://bucket/prefix")
+    s3 = settings.s3
+    if endpoint_url and not s3.endpoint_url:
+        s3 = s3.model_copy(update={"endpoint_url": endpoint_url})
+    return open_repo(url, s3, settings.transfer, session=session)
