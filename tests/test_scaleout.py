@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from conveyor.compact import compact
 from conveyor.store import Store
+from conveyor.training import checkpoints as ck
 from conveyor.supervisor import api
 from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
 
@@ -42,14 +44,15 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.5, why=lambda:
 class Machine:
     """A folder standing for one computer: its settings, HOME and processes."""
 
-    def __init__(self, root: Path, s3_endpoint: str, *, store_root: str = "stores", extra: str = ""):
+    def __init__(self, root: Path, s3_endpoint: str, *, extra: str = ""):
         self.root = root
         self.home = root / "home"
         self.home.mkdir(parents=True)
         self.config = root / "conveyor.toml"
         self.config.write_text(f"""
-store_root = "{store_root}"
+store_root = "stores"
 work_dir = "work"
+cache_dir = "cache"
 storage_url = "s3://{BUCKET}/conveyor"
 [s3]
 endpoint_url = "{s3_endpoint}"
@@ -78,8 +81,8 @@ worker_query_seconds = 1
         self.logs.append(log)
         return p
 
-    def output(self) -> str:
-        return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-4000:]}" for p in self.logs)
+    def output(self, tail: int | None = None) -> str:
+        return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-(tail or 0):]}" for p in self.logs)
 
     def pids(self) -> list[int]:
         needle = f"HOME={self.home}".encode()
@@ -168,15 +171,13 @@ log_freq = 1
 "policy.chunk_size" = 5
 "policy.n_action_steps" = 5
 """)
-    # the GPU boxes: until dataset versions travel through object storage they read the store over a shared
-    # filesystem, at the recording PC's path
-    shared = str(pc.root / "stores")
-    gpu1 = Machine(tmp_path / "gpu-box-1", s3_endpoint, store_root=shared)
-    gpu2 = Machine(tmp_path / "gpu-box-2", s3_endpoint, store_root=shared)
+    # the GPU boxes: their own store_root (empty), so they cannot reach the store; only S3 connects them
+    gpu1 = Machine(tmp_path / "gpu-box-1", s3_endpoint)
+    gpu2 = Machine(tmp_path / "gpu-box-2", s3_endpoint)
     machines = (pc, gpu1, gpu2)
 
     def why() -> str:
-        return "\n".join(m.output() for m in machines)
+        return "\n".join(m.output(tail=4000) for m in machines)
 
     rec = RecordingWriter(pc.root / "rec", SPEC)
     store = pc.root / "stores" / name
@@ -202,11 +203,21 @@ log_freq = 1
         out_dir = gpu1.root / "work" / "runs" / run_name
         manifest = f"conveyor/runs/{run_name}/checkpoints/{SAVE_FREQ:06d}/manifest.json"
 
-        # GPU box 1 trains; once step 4 is saved, training is frozen until that checkpoint is archived,
-        # then the whole box dies
-        ckpt = out_dir / "lerobot" / "checkpoints" / f"{SAVE_FREQ:06d}" / "training_state" / "training_step.json"
-        wait_for(ckpt.exists, 300, "gpu box 1 to save a checkpoint", interval=0.05, why=why)
+        # meanwhile the recording grows (3 -> 5 episodes: no new trigger) and the store is compacted
+        for ep in range(3, 5):
+            rec.write_episode(ep, LEN)
+        wait_for(lambda: Store.open(store).version.total_episodes == 5, 120, "episodes 3 and 4", why=why)
+        compacted = compact(store)
+        assert compacted.files_after < compacted.files_before
+        v2 = Store.open(store).version
+        assert v2.content_hash != v1.content_hash
+
+        # GPU box 1 materializes the pinned version from S3 and trains; once step 4 is saved, training is frozen
+        # until that checkpoint is archived, then the whole box dies
+        first = ck.Checkpoint(SAVE_FREQ, f"{SAVE_FREQ:06d}", out_dir / "lerobot" / "checkpoints" / f"{SAVE_FREQ:06d}")
+        wait_for(lambda: ck.is_complete(first), 400, "gpu box 1 to save a checkpoint", interval=0.05, why=why)
         os.kill(int((out_dir / "train.pid").read_text()), signal.SIGSTOP)
+        assert f"materialized at {gpu1.root / 'cache'}" in gpu1.output(), why()
         wait_for(lambda: s3_json(s3, manifest), 120, "the checkpoint's archive manifest", why=why)
         gpu1.crash()
         assert gpu1.pids() == []
@@ -223,7 +234,7 @@ log_freq = 1
             assert r["state"]["type"] not in ("FAILED", "CRASHED", "CANCELLED"), (r["state"], why())
             return r["state"]["type"] == "COMPLETED" and r
 
-        done = wait_for(finished, 420, "gpu box 2 to finish the run", interval=2, why=why)
+        done = wait_for(finished, 600, "gpu box 2 to finish the run", interval=2, why=why)
         assert worker2.poll() is None
         assert done["run_count"] >= 2
         step = json.loads((out_dir2 / "lerobot/checkpoints" / f"{STEPS:06d}/training_state/training_step.json")
@@ -233,12 +244,19 @@ log_freq = 1
         assert len(logs) == 1 and "--resume=true" in logs[0].read_text()
         assert f"resuming run {run_name} from archived checkpoint {SAVE_FREQ:06d}" in why()
         assert s3_json(s3, f"conveyor/runs/{run_name}/last")["step"] == STEPS
+
+        # lineage: both machines trained on exactly the version the run was pinned to, each from its own cache
+        assert Store.open(store).version == v2 and v2.total_episodes == 5
         run_doc = s3_json(s3, f"conveyor/runs/{run_name}/run.json")
         assert run_doc["final_step"] == STEPS
-        assert run_doc["dataset"]["version"]["content_hash"] == v1.content_hash
-        assert run_doc["dataset"]["version"]["total_episodes"] == 3
-        final = s3_json(s3, f"conveyor/runs/{run_name}/checkpoints/{STEPS:06d}/manifest.json")
-        assert final["dataset"]["version"]["content_hash"] == v1.content_hash
+        assert run_doc["dataset"]["version"] == v1.model_dump(mode="json")
+        assert s3_json(s3, f"conveyor/runs/{run_name}/dataset.json")["version"] == v1.model_dump(mode="json")
+        assert run_doc["dataset"]["root"].startswith(str(gpu2.root / "cache"))
+        before = s3_json(s3, manifest)
+        assert before["dataset"]["version"]["content_hash"] == v1.content_hash
+        assert before["dataset"]["root"].startswith(str(gpu1.root / "cache"))
+        assert f"materialized at {gpu2.root / 'cache'}" in gpu2.output()
+        assert not (gpu2.root / "stores" / name).exists(), "the GPU boxes never saw the store"
     finally:
         codes = {m.root.name: m.stop() for m in machines}
     assert codes == {"recording-pc": [0], "gpu-box-1": [-9], "gpu-box-2": [0]}, (codes, why())
