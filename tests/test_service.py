@@ -566,6 +566,45 @@ def test_up_joins_an_existing_server(prefect_api, tmp_path):
     assert api(prefect_api, "GET", "/health")[0] == 200, "the joined server keeps running"
 
 
+def test_worker_joins_a_server_serves_a_pool_and_stops_cleanly(prefect_api, tmp_path):
+    """`conveyor worker --pool gpu --api-url URL`: one command joins this machine; it says what it serves,
+    shows up in the pool, and SIGTERM stops it and everything it started."""
+    cfg = write_config(tmp_path, "w-src")
+    cfg.write_text('storage_url = "file://objects"\ncache_dir = "cache"\n' + cfg.read_text(), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CONVEYOR_"))}
+    cmd = [sys.executable, "-m", "conveyor.cli", "worker", "--pool", "gpu", "--config", str(cfg)]
+    missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "pass --api-url URL" in missing.stderr
+    nobody = f"http://127.0.0.1:{free_port()}/api"
+    gone = subprocess.run(cmd + ["--api-url", nobody], env=env, capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1 and f"{nobody}: no Prefect server answers" in gone.stderr, gone.stderr
+
+    proc = subprocess.Popen(cmd + ["--api-url", prefect_api, "--name", "w-test"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        def online():
+            status, ws = api(prefect_api, "POST", "/work_pools/gpu/workers/filter", {})
+            return status == 200 and any(w["name"] == "w-test" and w["status"] == "ONLINE" for w in ws)
+        wait_for(lambda: online() or proc.poll() is not None, 90, "the worker online in pool gpu")
+        assert proc.poll() is None, "".join(lines)
+        said = " ".join("".join(lines).split())
+        for part in ("serving pool gpu", f"Prefect API: {prefect_api}", f"config: {cfg}",
+                     f"store_root: {tmp_path / 'stores'}", f"work_dir: {tmp_path / 'work'}",
+                     f"cache_dir: {tmp_path / 'cache'}", f"storage: file://{tmp_path / 'objects'}",
+                     f"project: {ROOT}"):
+            assert part in said, said
+        assert _pids_with_env(f"CONVEYOR_CACHE_DIR={tmp_path / 'cache'}"), "the worker carries the resolved paths"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        reader.join(5)
+    assert rc == 0 and "conveyor worker: stopped" in "".join(lines), "".join(lines)
+    assert _pids_with_env(f"CONVEYOR_CONFIG={cfg}") == [], "no orphan processes"
+
+
 # -- shipped Prefect configuration ------------------------------------------------------------------------
 
 def _prefect_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
