@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,25 @@ def healthy(api_url: str) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+def wait_healthy(api_url: str, seconds: float = 30.0) -> bool:
+    """A busy server (a deploy, a loaded machine) can miss one 2 s health check: ask again until `seconds`.
+    Nothing listening (connection refused) is an answer at once."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, ConnectionRefusedError):
+                return False
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
 
 
 @dataclass

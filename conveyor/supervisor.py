@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from conveyor.errors import ConveyorError
-from conveyor.prefect_server import PrefectServer, healthy, start_prefect_server
+from conveyor.prefect_server import PrefectServer, start_prefect_server, wait_healthy
 from conveyor.processes import marked_pids, port_in_use, stop_process, sweep
 from conveyor.settings import Settings, SourceSettings
 from conveyor.worker import HEARTBEAT_SECONDS, MARKER, PROJECT_DIR, cache_dir, flow_env, start_worker
@@ -103,7 +103,7 @@ class Supervisor:
     def start(self) -> None:
         self._take_home_lock()
         if self.api_url:
-            if not healthy(self.api_url):
+            if not wait_healthy(self.api_url):
                 raise ConveyorError(self.settings.config_path or "prefect.api_url",
                                     f"Prefect server at {self.api_url} is not answering /health")
             self.ui_url = self.api_url.removesuffix("/api")

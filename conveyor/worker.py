@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from conveyor.errors import ConveyorError
-from conveyor.prefect_server import healthy, prefect_env
+from conveyor.prefect_server import prefect_env, wait_healthy
 from conveyor.processes import stop_process, sweep
 from conveyor.settings import Settings
 
@@ -92,8 +92,8 @@ class Worker:
         self._stop.set()
 
     def run(self) -> int:
-        if not healthy(self.api_url):
-            raise ConveyorError(self.api_url, "no Prefect server answers /health there; check --api-url")
+        if not wait_healthy(self.api_url):
+            raise ConveyorError(self.api_url, "no Prefect server answers /health there (30 s); check --api-url")
         home = self.settings.prefect.home
         home.mkdir(parents=True, exist_ok=True)
         env = flow_env(self.settings, self.api_url, home, self.token)
