@@ -97,12 +97,16 @@ worker_query_seconds = 1
         return out
 
     def crash(self) -> None:
-        """The machine loses power: every process of it, SIGKILL, no cleanup."""
-        for pid in self.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """The machine loses power: every process of it, SIGKILL, no cleanup (again until none is left: a
+        process may fork while the list is read)."""
+        deadline = time.monotonic() + 20
+        while (pids := self.pids()) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
         for p in self.procs:
             p.wait(10)
 
