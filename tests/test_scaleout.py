@@ -246,7 +246,7 @@ log_freq = 1
         assert step == STEPS
         logs = sorted((out_dir2 / "logs").glob("train-*.log"))
         assert len(logs) == 1 and "--resume=true" in logs[0].read_text()
-        assert f"resuming run {run_name} from archived checkpoint {SAVE_FREQ:06d}" in why()
+        assert f"resuming run {run_name} from archived checkpoint {SAVE_FREQ:06d}" in gpu2.output()
         assert s3_json(s3, f"conveyor/runs/{run_name}/last")["step"] == STEPS
 
         # lineage: both machines trained on exactly the version the run was pinned to, each from its own cache
