@@ -72,6 +72,7 @@ class Supervisor:
         self._server_restarts: list[float] = []
         self._watch_runs_started = 0
         self._watch_gone_since: float | None = None
+        self._watch_seen_here: str | None = None
 
     # -- public -------------------------------------------------------------------------------------
 
@@ -329,10 +330,13 @@ class Supervisor:
                 self._start_watch()
 
     def _watch_process_gone(self) -> bool:
-        """True once the running watch run has had no process on this machine for 10 s (a worker reports a
-        crashed child, but not while its server is down, nor after it was killed itself)."""
+        """True once the running watch run, seen running on this machine before, has had no process here for
+        10 s (a worker reports a crashed child, but not while its server is down, nor after it was killed
+        itself). A run some other machine's cpu worker took is never seen here and left alone."""
         if marked_pids(self.watch_run, "PREFECT__FLOW_RUN_ID"):
-            self._watch_gone_since = None
+            self._watch_seen_here, self._watch_gone_since = self.watch_run, None
+            return False
+        if self._watch_seen_here != self.watch_run:
             return False
         now = time.monotonic()
         if self._watch_gone_since is None:
