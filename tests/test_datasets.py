@@ -23,7 +23,7 @@ from conveyor.datasets import cache as C
 from conveyor.datasets.format import find_version, list_versions, read_version
 from conveyor.datasets.materialize import materialize
 from conveyor.datasets.publish import publish
-from conveyor.datasets.resolve import resolve_dataset
+from conveyor.datasets.resolve import record_pin, resolve_dataset
 from conveyor.datasets.retention import pin, prune_versions
 from conveyor.errors import ConveyorError
 from conveyor.ingest import convert, ingest
@@ -151,6 +151,8 @@ def test_materialize_from_s3_on_a_worker_without_the_store(lab, tmp_path, s3_end
     worker = settings_for(tmp_path / "gpu", store_root=tmp_path / "gpu" / "stores", storage_url=url, s3=s3)
     first = resolve_dataset("lab", None, worker, run="r1", run_dir=tmp_path / "gpu" / "run1", archive_url=url,
                             log=lambda m: None)
+    assert first.new_pin and not B.snapshot_ids(repo)
+    record_pin(first, worker, run_dir=tmp_path / "gpu" / "run1", archive_url=url, log=lambda m: None)
     assert first.materialized.fetched_files == len(dataset_files(store)) and first.materialized.linked_store == 0
     assert tree(first.root) == dataset_files(store) and not (first.root / DOT).exists()
     assert first.root.is_relative_to(tmp_path / "gpu" / "cache") and (first.root.stat().st_mode & 0o222) == 0
@@ -283,6 +285,24 @@ def test_bad_inputs_are_refused_before_training(lab, tmp_path):
     assert not (tmp_path / "w" / "cache" / "lab").exists() or not any((tmp_path / "w" / "cache" / "lab").iterdir())
 
 
+def test_ingest_flow_publishes_each_commit(prefect_server, tmp_path):
+    from flows.ingest import ingest as ingest_flow
+
+    src = tmp_path / "rec"
+    w = RecordingWriter(src, SPEC)
+    w.write_episode(0, 8)
+    cfg = tmp_path / "conveyor.toml"
+    cfg.write_text(f'store_root = "stores"\nwork_dir = "work"\nstorage_url = "file://objects"\n'
+                   f'[[sources]]\nname = "lab"\npath = "{src}"\n')
+    first = ingest_flow(source="lab", config=str(cfg), deep=False)
+    w.write_episode(1, 8)
+    second = ingest_flow(source="lab", config=str(cfg), deep=False)
+    assert ingest_flow(source="lab", config=str(cfg), deep=False)["added"] == []
+    repo = open_repo(f"file://{tmp_path / 'objects'}")
+    got = [(v.commit, v.hash_prefix) for v in list_versions(repo, "lab")]
+    assert got == [(r["version"]["commit"], r["version"]["content_hash"][:16]) for r in (first, second)]
+
+
 # ------------------------------------------------------------------ a training run keeps its version
 
 
@@ -293,14 +313,14 @@ TINY_ACT = {"policy.pretrained_backbone_weights": None, "policy.dim_model": 32, 
 
 @pytest.mark.slow
 def test_pinned_run_survives_compaction_and_appends(prefect_server, tmp_path):
-    """The issue's failure: a run on a store of 12 one-episode commits; compaction merges the files (and more
+    """The issue's failure: a run on a store of one-episode commits; compaction merges the files (and more
     episodes land) while lerobot-train runs. The run finishes, and a resume later trains on the same version."""
     from conveyor.training.request import TrainRequest
     from flows.train import train
 
     src, store = tmp_path / "rec", tmp_path / "stores" / "lab"
     grow(src, store, range(1))
-    for ep in range(1, 12):
+    for ep in range(1, 6):
         grow(src, store, range(ep, ep + 1))
     files_before = len(dataset_files(store))
     pinned = Store.open(store).version
@@ -317,7 +337,7 @@ def test_pinned_run_survives_compaction_and_appends(prefect_server, tmp_path):
     while not (metrics.exists() and metrics.read_text().strip()):
         assert t.is_alive() and time.monotonic() < deadline, "training did not start"
         time.sleep(0.2)
-    grow(src, store, range(12, 14))                    # appends during the run
+    grow(src, store, range(6, 8))                      # appends during the run
     rep = compact(store)                               # and the nightly compaction
     assert rep.files_after < files_before
     t.join(timeout=300)

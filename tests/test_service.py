@@ -204,7 +204,7 @@ def test_ingest_flow_lands_good_episodes_quarantines_bad_and_records_artifacts(p
                         {"task_runs": {"flow_run_id": {"any_": [run["id"]]}}})
     names = {t["name"].rsplit("-", 1)[0]: t["state"]["type"] for t in tasks}
     assert names == {"append-episodes": "COMPLETED", "validate-fast": "COMPLETED", "validate-deep": "COMPLETED",
-                     "record-version": "COMPLETED"}, names
+                     "record-version": "COMPLETED", "publish-version": "COMPLETED"}, names
     [table] = artifacts(api_url, f"ingest-{name}")
     assert table["type"] == "table" and table["flow_run_id"] == run["id"]
     rows = json.loads(table["data"])

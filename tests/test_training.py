@@ -279,7 +279,7 @@ def settings(env):
     ({"policy_path": "lerobot/smolvla_base"}, "lerobot/smolvla_base",
      "policy_path is not a local pretrained policy folder with a config.json; runs are offline"),
     ({"store": "no-such-store"}, "no-such-store", "no store named `no-such-store` under"),
-    ({"dataset_version": "999"}, None, "not the pinned 999; clear dataset_version or pin the current one."),
+    ({"dataset_version": "999"}, None, "dataset version `999` of `grasp` is not published"),
     ({"options": {"policy.not_a_field": 1}}, "options",
      "the options do not parse as a lerobot 0.4.4 train config:"),
 ])
@@ -323,7 +323,8 @@ def test_preflight_plan(env, settings):
     assert plan.recipe == "light" and plan.video_backend == "pyav" and plan.batch_size == 2
     assert plan.dataset_version is not None and plan.dataset_version.total_episodes == 3
     args = dict(a[2:].split("=", 1) for a in plan.args)
-    assert args["policy.push_to_hub"] == "false" and args["dataset.root"] == str(env["store"])
+    assert args["policy.push_to_hub"] == "false" and args["dataset.root"] == str(plan.dataset_root)
+    assert plan.dataset_root.is_relative_to(settings.cache_dir), "lerobot reads the materialized version"
     assert args["policy.chunk_size"] == "5"                     # the user's option beats the light recipe
     assert args["output_dir"] == str(settings.work_dir / "runs/planned/lerobot")
     assert plan.env["HF_HUB_OFFLINE"] == "1"

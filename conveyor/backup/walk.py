@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conveyor.errors import ConveyorError
-from conveyor.fileio import sha256_file
+from conveyor.fileio import sha256_file, write_atomic
 from conveyor.models import DatasetVersion
 from conveyor.store import Store, is_store
 
@@ -112,9 +112,7 @@ def save_index(index_dir: Path | None, source: Path, items: list[Item], start_ns
              if i.sha and i.mtime_ns < start_ns - RACY_NS}
     p = _index_path(index_dir, source)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"source": str(source), "files": files}))
-    os.replace(tmp, p)
+    write_atomic(p, json.dumps({"source": str(source), "files": files}).encode(), fsync=False)
 
 
 def unchanged(item: Item) -> bool:

@@ -15,7 +15,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from conveyor.backup.format import ManifestFile
-from conveyor.datasets.format import PublishedVersion, find_version, matches, read_version, version_key
+from conveyor.datasets.format import (PublishedVersion, find_version, list_versions, matches, read_version,
+                                      version_key)
 from conveyor.datasets.materialize import MaterializeReport, materialize
 from conveyor.datasets.publish import publish
 from conveyor.datasets.retention import pin as pin_in_repo
@@ -45,6 +46,7 @@ class ResolvedDataset(BaseModel):
     store: str
     version: DatasetVersion | None  # None: a plain v3.0 folder, not a conveyor store
     pin: DatasetPin | None = None
+    new_pin: bool = False           # resolved now: `record_pin` once every other check has passed
     materialized: MaterializeReport | None = None
 
 
@@ -129,6 +131,10 @@ def _first_resolution(name: str, pin: str | None, live: Path | None, repo: Repo 
         return find_version(repo, name, pin)
     if repo is None:
         raise _no_storage(settings, name)
+    if not list_versions(repo, name):
+        raise ConveyorError(name, f"no store named `{name}` under {settings.store_root} and none published to "
+                                  f"{repo.url}; name a store this worker holds, or publish it with "
+                                  f"`conveyor publish {name}` where it lives.")
     return find_version(repo, name, pin)
 
 
@@ -154,16 +160,18 @@ def resolve_dataset(store: str, dataset_version: str | None, settings, *, run: s
         pv = _first_resolution(name, dataset_version, live, repo, settings, log)
         pin = DatasetPin(run=run, store=name, version=pv.version, url=repo.url if repo is not None else None,
                          pinned_at=datetime.now(timezone.utc))
-        write_pin(pin, archive, repo, run_dir)
-        log(f"run {run} pinned to {name} {pin.version.short} ({pin.version.total_episodes} episodes)")
+        new_pin = True
     else:
+        new_pin = False
         log(f"run {run} keeps its pinned dataset {pin.store} {pin.version.short} (from {PIN_FILE})")
         name = pin.store
         if live is not None and Store.open(live).version == pin.version and repo is None:
             pv = _local_version(live, name)
-        elif repo is None:
-            raise _no_storage(settings, name)
         else:
+            if pin.url and (repo is None or not repo.exists(version_key(name, pin.version))):
+                repo = open_configured_repo(settings, pin.url)  # where the first attempt found it
+            if repo is None:
+                raise _no_storage(settings, name)
             pv = read_version(repo, version_key(name, pin.version))
     report = materialize(pv, settings.cache_dir, repo=repo, live_store=live,
                          max_bytes=int(settings.cache_max_gb * 1e9), concurrency=settings.transfer.max_concurrency)
@@ -171,7 +179,20 @@ def resolve_dataset(store: str, dataset_version: str | None, settings, *, run: s
            f"{report.linked_store} hard-linked from the store, {report.linked_cache} from the cache, "
            f"{report.copied} copied, {report.fetched_files} fetched ({report.fetched_bytes / 1e6:.1f} MB)")
     log(f"dataset {name} {pin.version.short} materialized at {report.path}: {how}")
-    return ResolvedDataset(root=Path(report.path), store=name, version=pin.version, pin=pin, materialized=report)
+    return ResolvedDataset(root=Path(report.path), store=name, version=pin.version, pin=pin, new_pin=new_pin,
+                           materialized=report)
+
+
+def record_pin(ds: ResolvedDataset, settings, *, run_dir: Path, archive_url: str | None, log=print) -> None:
+    """Make a newly resolved pin the run's for good (archive, run folder, retention pin). Called when the
+    run is about to start, so a refused request leaves no pin behind."""
+    if ds.pin is None or not ds.new_pin:
+        return
+    repo = open_configured_repo(settings, ds.pin.url) if ds.pin.url else None
+    archive = open_configured_repo(settings, archive_url) if archive_url else None
+    write_pin(ds.pin, archive, repo, run_dir)
+    ds.new_pin = False
+    log(f"run {ds.pin.run} pinned to {ds.store} {ds.version.short} ({ds.version.total_episodes} episodes)")
 
 
 def release_pin(settings, run: str, run_dir: Path, archive_url: str | None) -> DatasetPin | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from conveyor.datasets.resolve import resolve_dataset
+from conveyor.datasets.resolve import record_pin, resolve_dataset
 from conveyor.errors import ConveyorError
 from conveyor.models import DatasetVersion
 from conveyor.training.recipes import choose_recipe, min_free_gib
@@ -292,6 +292,7 @@ def preflight(req: TrainRequest, settings, *, run_name: str, cuda_probe=gpu_free
     except Exception as e:  # noqa: BLE001 -- any parse/validate error is a refusal, in lerobot's words
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise refuse("options", f"the options do not parse as a lerobot 0.4.4 train config: {msg}") from None
+    record_pin(ds, settings, run_dir=output_dir, archive_url=archive_url, log=log)
 
     return TrainPlan(request=req, run_name=run_name, output_dir=output_dir, lerobot_dir=lerobot_dir,
                      dataset_root=root, repo_id=repo_id, dataset_version=version, dataset_bytes=size,
