@@ -1,12 +1,14 @@
 """`conveyor up`: run the whole service on one machine and take it all down again on Ctrl-C / SIGTERM.
 
-Order: Prefect server (SQLite under a project-local PREFECT_HOME) -> work pools `cpu` and `gpu` (process
-pools: on one machine the GPU is a local process too) -> one global concurrency limit per store ->
-deployments from prefect.yaml -> one worker per pool -> a run of the `watch` deployment, restarted
-whenever it ends. Shutdown goes the other way: cancel the watch run, stop workers (SIGTERM, then
-SIGKILL: a worker can ignore one SIGTERM), stop the server, then kill any process still carrying this
-run's marker in its environment (flow-run processes live in their own sessions, so killing a worker's
-process group does not reach them).
+Order: Prefect server (SQLite under a project-local PREFECT_HOME; or join a running one, `--api-url`) ->
+work pools `cpu` and `gpu` (process pools: on one machine the GPU is a local process too) -> one global
+concurrency limit per store -> deployments from prefect.yaml -> the `rescue lost runs` automation -> one
+worker per pool -> a run of the `watch` deployment, restarted whenever it ends. While up: a server that
+dies is restarted on the same port and database, dead workers are restarted, a watch run whose process
+is gone is marked crashed and replaced. Shutdown goes the other way: cancel the watch run, stop workers
+(SIGTERM, then SIGKILL: a worker can ignore one SIGTERM), stop the server, then kill any process still
+carrying this run's marker in its environment (flow-run processes live in their own sessions, so killing
+a worker's process group does not reach them).
 
 Talks to Prefect through its CLI and REST API only (no `import prefect`), like any other client.
 """
@@ -30,29 +32,36 @@ from pathlib import Path
 import yaml
 
 from conveyor.errors import ConveyorError
-from conveyor.prefect_server import PrefectServer, healthy, prefect_env, start_prefect_server
-from conveyor.processes import port_in_use, stop_process
+from conveyor.prefect_server import PrefectServer, start_prefect_server, wait_healthy
+from conveyor.processes import marked_pids, port_in_use, stop_process, sweep
 from conveyor.settings import Settings, SourceSettings
+from conveyor.worker import HEARTBEAT_SECONDS, MARKER, PROJECT_DIR, cache_dir, flow_env, start_worker
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 POOLS = ("cpu", "gpu")
-MARKER = "CONVEYOR_UP_TOKEN"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 DEMO_SOURCE = "demo"
+RESCUE = "conveyor: rescue lost train runs"
+RESCUE_AFTER_S = 75  # no heartbeat (every HEARTBEAT_SECONDS) for this long: the run's machine is gone
 
 
 class Supervisor:
     """One `conveyor up`. `run()` blocks until a signal (or `request_stop()`), then shuts down."""
 
     def __init__(self, settings: Settings, *, port: int | None = None, demo: bool = False,
-                 out: Callable[[str], None] = print, project_dir: Path = PROJECT_DIR):
+                 out: Callable[[str], None] = print, project_dir: Path = PROJECT_DIR, api_url: str | None = None,
+                 pools: tuple[str, ...] = POOLS):
         self.settings, self.demo, self.out, self.project = settings, demo, out, project_dir
+        unknown = set(pools) - set(POOLS)
+        if unknown or not pools:
+            raise ConveyorError("--pools", f"pools are {', '.join(POOLS)}, not {', '.join(sorted(unknown)) or 'none'}")
+        self.pools = tuple(p for p in POOLS if p in pools)
         self.host = settings.prefect.host
         self.port = port or settings.prefect.port
         self.home = settings.prefect.home
         self.token = uuid.uuid4().hex
         self.server: PrefectServer | None = None
-        self.api_url = settings.prefect.api_url
+        self.api_url = (api_url or settings.prefect.api_url or "").rstrip("/") or None
+        self.joined = bool(self.api_url)
         self.ui_url = ""
         self.workers: dict[str, subprocess.Popen] = {}
         self.watch_run: str | None = None
@@ -60,7 +69,10 @@ class Supervisor:
         self._lock_file = None
         self._demo_thread: threading.Thread | None = None
         self._restarts: list[float] = []
+        self._server_restarts: list[float] = []
         self._watch_runs_started = 0
+        self._watch_gone_since: float | None = None
+        self._watch_seen_here: str | None = None
 
     # -- public -------------------------------------------------------------------------------------
 
@@ -71,6 +83,8 @@ class Supervisor:
         old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
+            for line in self.where():
+                self.out(line)
             self.out(f"conveyor is up. Prefect UI: {self.ui_url}  (Ctrl-C stops everything)")
             while not self._stop.wait(2.0):
                 try:
@@ -90,10 +104,11 @@ class Supervisor:
     def start(self) -> None:
         self._take_home_lock()
         if self.api_url:
-            if not healthy(self.api_url):
+            if not wait_healthy(self.api_url):
                 raise ConveyorError(self.settings.config_path or "prefect.api_url",
                                     f"Prefect server at {self.api_url} is not answering /health")
             self.ui_url = self.api_url.removesuffix("/api")
+            self.out(f"joining the Prefect server at {self.api_url}")
         else:
             if port_in_use(self.host, self.port):
                 raise ConveyorError(f"{self.host}:{self.port}", "port is already in use (another `conveyor up` "
@@ -111,8 +126,9 @@ class Supervisor:
         self._create_limits()
         self._check_stop()
         self._deploy()
+        self._create_rescue()
         self._check_stop()
-        for pool in POOLS:
+        for pool in self.pools:
             self._start_worker(pool)
         if self.demo:
             self._start_demo()
@@ -148,25 +164,30 @@ class Supervisor:
         return self.settings.work_dir / "demo" / "recording"
 
     def _child_env(self) -> dict[str, str]:
-        env = prefect_env(self.home, self.api_url)
-        env.update({MARKER: self.token, "CONVEYOR_PROJECT_DIR": str(self.project),
-                    "PREFECT_WORKER_QUERY_SECONDS": str(self.settings.prefect.worker_query_seconds),
-                    "PREFECT_WORKER_PREFETCH_SECONDS": "5",
-                    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "SVT_LOG": "1"})
-        env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        if self.settings.config_path:
-            env["CONVEYOR_CONFIG"] = str(self.settings.config_path)
-        # paths as resolved here: flow runs start in the checkout, not in the folder `up` was run from
-        env.update(CONVEYOR_STORE_ROOT=str(self.settings.store_root), CONVEYOR_WORK_DIR=str(self.settings.work_dir),
-                   CONVEYOR_CACHE_DIR=str(self.settings.cache_dir),
-                   CONVEYOR_STORAGE_URL=self.settings.storage_url)
+        env = flow_env(self.settings, self.api_url or "", self.home, self.token, self.project)
+        if not self.api_url:
+            env.pop("PREFECT_API_URL", None)
         if self.demo:  # the environment beats the file, so the flows see the demo source too
             env["CONVEYOR_SOURCES"] = json.dumps([s.model_dump(mode="json") for s in self._sources()])
         return env
 
-    def _prefect(self, *args: str, timeout: float = 120) -> str:
+    def where(self) -> list[str]:
+        """Where this service keeps things, for the terminal (README "Where files go")."""
+        s = self.settings
+        names = ", ".join(x.name for x in self._sources()) or "no [[sources]] configured"
+        logs = [self.home / f"worker-{p}.log" for p in self.pools]
+        if self.server:
+            logs.insert(0, self.server.log_path)
+        return [f"  stores:       {s.store_root}  ({names})",
+                f"  work folder:  {s.work_dir}",
+                f"  objects:      {s.storage_url}",
+                f"  cache:        {cache_dir(s)}",
+                f"  logs:         {', '.join(map(str, logs))}",
+                f"  config:       {s.config_path or '(none: defaults + CONVEYOR_* environment)'}"]
+
+    def _prefect(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> str:
         exe = str(Path(sys.executable).with_name("prefect"))
-        p = subprocess.run([exe, "--no-prompt", *args], env=self.env, cwd=self.project, capture_output=True,
+        p = subprocess.run([exe, "--no-prompt", *args], env=env or self.env, cwd=self.project, capture_output=True,
                            text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         if p.returncode != 0:
             tail = (p.stdout + p.stderr).strip().splitlines()[-15:]
@@ -174,18 +195,23 @@ class Supervisor:
         return p.stdout
 
     def _create_pools(self) -> None:
+        """Process pools `cpu` and `gpu`. On a shared server an existing pool is kept as it is (the lab's
+        `gpu` pool may be a Kubernetes one)."""
         template = self.project / "deployments" / "process-pool.json"
         exe = str(Path(sys.executable).with_name("prefect"))
+        wanted = [p for p in POOLS if not (self.joined and api(self.api_url, "GET", f"/work_pools/{p}")[0] == 200)]
         procs = {pool: subprocess.Popen([exe, "--no-prompt", "work-pool", "create", pool, "--type", "process",
                                          "--base-job-template", str(template), "--overwrite"],
                                         env=self.env, cwd=self.project, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
-                 for pool in POOLS}
+                 for pool in wanted}
         for pool, p in procs.items():
             output, _ = p.communicate(timeout=120)
             if p.returncode != 0:
                 raise ConveyorError(f"work pool {pool}", "could not be created:\n" + output[-2000:])
-        self.out(f"work pools: {', '.join(POOLS)}")
+        self.out(f"work pools: {', '.join(POOLS)}" + (f" (kept as found: {', '.join(sorted(set(POOLS) - set(wanted)))})"
+                                                      if len(wanted) < len(POOLS) else "")
+                 + f"; workers here: {', '.join(self.pools)}")
 
     def _create_limits(self) -> None:
         """One global concurrency limit (1 slot) per store: one writer at a time across all workers."""
@@ -199,7 +225,6 @@ class Supervisor:
         """Register prefect.yaml's deployments, with this checkout as the pull directory and the nightly and
         backup schedules from settings; deployments whose flow file does not exist yet are skipped (and said so)."""
         spec = yaml.safe_load((self.project / "prefect.yaml").read_text(encoding="utf-8"))
-        spec["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(self.project)}}]
         kept, skipped = [], []
         for d in spec["deployments"]:
             if not (self.project / d["entrypoint"].split(":")[0]).is_file():
@@ -212,19 +237,47 @@ class Supervisor:
         spec["deployments"] = kept
         generated = self.home / "prefect.yaml"
         generated.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-        self._prefect("deploy", "--all", "--prefect-file", str(generated), timeout=300)
+        # the pull step keeps `{{ $CONVEYOR_PROJECT_DIR }}`: each worker (this one's, `conveyor worker`s on
+        # other machines) resolves it to its own checkout when a run starts
+        self._prefect("deploy", "--all", "--prefect-file", str(generated), timeout=300,
+                      env={k: v for k, v in self.env.items() if k != "CONVEYOR_PROJECT_DIR"})
         self.out(f"deployments: {', '.join(d['name'] for d in kept)}"
                  + (f" (skipped, flow file missing: {', '.join(skipped)})" if skipped else ""))
 
+    def _create_rescue(self) -> None:
+        """A Prefect automation: a `train` run whose heartbeats stop (its machine died, its worker was
+        killed) goes back to Scheduled as AwaitingRetry, so any worker of the pool takes it up again and
+        resumes from the run's newest archived checkpoint. Replaced on every start (the deployment id may
+        have changed)."""
+        status, dep = api(self.api_url, "GET", "/deployments/name/train/train")
+        if status != 200:
+            return
+        status, found = api(self.api_url, "POST", "/automations/filter", {"automations": {"name": {"any_": [RESCUE]}}})
+        for a in found if status == 200 else []:
+            api(self.api_url, "DELETE", f"/automations/{a['id']}")
+        ended = ["Completed", "Failed", "Cancelled", "Crashed", "Cancelling", "Scheduled", "Paused"]
+        body = {"name": RESCUE, "enabled": True,
+                "description": f"A train run without a heartbeat for {RESCUE_AFTER_S} s lost its machine: "
+                               "schedule it again (it resumes from its newest archived checkpoint).",
+                "trigger": {"type": "event", "posture": "Proactive",
+                            "match": {"prefect.resource.id": "prefect.flow-run.*"},
+                            "match_related": {"prefect.resource.id": f"prefect.deployment.{dep['id']}",
+                                              "prefect.resource.role": "deployment"},
+                            "after": ["prefect.flow-run.heartbeat"],
+                            "expect": ["prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in ended)],
+                            "for_each": ["prefect.resource.id"], "threshold": 1, "within": RESCUE_AFTER_S},
+                "actions": [{"type": "change-flow-run-state", "state": "SCHEDULED", "name": "AwaitingRetry",
+                             "message": f"no heartbeat for {RESCUE_AFTER_S} s: its machine or worker is gone; "
+                                        "rescheduled", "force": True}]}
+        status, made = api(self.api_url, "POST", "/automations/", body)
+        if status not in (200, 201):
+            raise ConveyorError(f"automation {RESCUE!r}", f"could not be created: HTTP {status} {made}")
+        self.out(f"automation: {RESCUE} (no heartbeat for {RESCUE_AFTER_S} s; heartbeat every {HEARTBEAT_SECONDS} s)")
+
     def _start_worker(self, pool: str) -> None:
-        exe = str(Path(sys.executable).with_name("prefect"))
-        log = open(self.home / f"worker-{pool}.log", "ab")
-        self.workers[pool] = subprocess.Popen(
-            [exe, "worker", "start", "--pool", pool, "--type", "process",
-             "--name", f"conveyor-{pool}-{socket.gethostname()}"],
-            env=self.env, cwd=self.project, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-        log.close()
+        with open(self.home / f"worker-{pool}.log", "ab") as log:
+            self.workers[pool] = start_worker(pool, self.env, self.project, log,
+                                              name=f"conveyor-{pool}-{socket.gethostname()}")
 
     def _start_demo(self) -> None:
         from conveyor.synthetic.demo import record_demo
@@ -250,12 +303,9 @@ class Supervisor:
     # -- supervise ----------------------------------------------------------------------------------
 
     def supervise(self) -> None:
-        """Called every 2 s: restart dead workers and an ended watch run; stop if the server died."""
+        """Called every 2 s: restart a dead server, dead workers and an ended or vanished watch run."""
         if self.server and self.server.process.poll() is not None:
-            self.out(f"conveyor: Prefect server exited (code {self.server.process.returncode}); "
-                     f"see {self.server.log_path}")
-            self._stop.set()
-            return
+            self._restart_server()
         for pool, proc in list(self.workers.items()):
             if proc.poll() is not None:
                 self.out(f"worker for pool {pool} exited with code {proc.returncode}; restarting it")
@@ -263,6 +313,12 @@ class Supervisor:
         if self.watch_run:
             status, run = api(self.api_url, "GET", f"/flow_runs/{self.watch_run}")
             state = (run.get("state") or {}).get("type") if status == 200 else None
+            if state == "RUNNING" and self._watch_process_gone():
+                self.out("the watch run's process is gone; marking the run crashed")
+                api(self.api_url, "POST", f"/flow_runs/{self.watch_run}/set_state",
+                    {"state": {"type": "CRASHED", "name": "Crashed",
+                               "message": "its process is gone (seen by conveyor up)"}, "force": True})
+                state = "CRASHED"
             if state in FINAL:
                 now = time.monotonic()
                 self._restarts = [t for t in self._restarts if now - t < 300]
@@ -272,6 +328,42 @@ class Supervisor:
                 self._restarts.append(now)
                 self.out(f"watch run ended {state}; starting a new one")
                 self._start_watch()
+
+    def _watch_process_gone(self) -> bool:
+        """True once the running watch run, seen running on this machine before, has had no process here for
+        10 s (a worker reports a crashed child, but not while its server is down, nor after it was killed
+        itself). A run some other machine's cpu worker took is never seen here and left alone."""
+        if marked_pids(self.watch_run, "PREFECT__FLOW_RUN_ID"):
+            self._watch_seen_here, self._watch_gone_since = self.watch_run, None
+            return False
+        if self._watch_seen_here != self.watch_run:
+            return False
+        now = time.monotonic()
+        if self._watch_gone_since is None:
+            self._watch_gone_since = now
+        return now - self._watch_gone_since >= 10
+
+    def _restart_server(self) -> None:
+        """The server died: start it again on the same port and database (SQLite under PREFECT_HOME keeps
+        every run, deployment and limit). Workers and the watch run reconnect by themselves; the next
+        supervise() replaces whichever did not. More than 5 deaths in 10 minutes: give up and stop."""
+        assert self.server is not None
+        code = self.server.process.returncode
+        now = time.monotonic()
+        self._server_restarts = [t for t in self._server_restarts if now - t < 600] + [now]
+        if len(self._server_restarts) > 5:
+            self.out(f"conveyor: Prefect server exited (code {code}) 6 times in 10 minutes; see "
+                     f"{self.server.log_path}. Stopping.")
+            self._stop.set()
+            return
+        self.out(f"conveyor: Prefect server exited (code {code}); restarting it on port {self.port} "
+                 f"(log {self.server.log_path})")
+        os.environ[MARKER] = self.token
+        try:
+            self.server = self.server.restart()
+        finally:
+            os.environ.pop(MARKER, None)
+        self.out(f"conveyor: Prefect server is back at {self.api_url}")
 
     # -- shutdown -----------------------------------------------------------------------------------
 
@@ -285,7 +377,7 @@ class Supervisor:
             self._demo_thread.join(timeout=10)
         if self.server:
             self.server.stop()
-        sweep(self.token)
+        sweep(self.token, MARKER)
         if self._lock_file:
             self._lock_file.close()
 
@@ -338,47 +430,3 @@ def api(api_url: str, method: str, path: str, body: dict | None = None, timeout:
                 raise
             time.sleep(min(8, 2 ** attempt))
     raise AssertionError("unreachable")
-
-
-def marked_pids(token: str) -> list[int]:
-    """Processes (other than this one) whose environment carries `CONVEYOR_UP_TOKEN=<token>`."""
-    needle = f"{MARKER}={token}".encode()
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if needle in (d / "environ").read_bytes().split(b"\0"):
-                out.append(int(d.name))
-        except OSError:
-            continue
-    return out
-
-
-def sweep(token: str, timeout: float = 5.0) -> list[int]:
-    """Kill whatever this `up` started and is still alive (SIGTERM, then SIGKILL); returns those pids."""
-    pids = marked_pids(token)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.1)
-        if not any(_alive(p) for p in pids):
-            break
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap our own zombies
-    except ChildProcessError:
-        pass
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().split(")")[-1].split()[0]
-        return state != "Z"
-    except OSError:
-        return False

@@ -69,3 +69,27 @@ def s3_endpoint():
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_prefect_server(tmp_path_factory):
+    """A second, shared-lab-style Prefect server: on a throwaway PostgreSQL 15 cluster (tests/pg.py).
+
+    Started only by the tests that ask for it; it does not touch PREFECT_API_URL of this process (the
+    `prefect_server` fixture owns that)."""
+    import pg
+
+    why = pg.available()
+    if why:
+        pytest.skip(why)
+    cluster = pg.start_cluster()
+    try:
+        server = start_prefect_server(tmp_path_factory.mktemp("prefect_pg_home"), port=free_port(),
+                                      database_url=cluster.url())
+    except BaseException:
+        cluster.stop()
+        raise
+    server.postgres = cluster
+    yield server
+    server.stop()
+    cluster.stop()

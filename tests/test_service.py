@@ -438,6 +438,174 @@ def test_conveyor_up_runs_the_service_and_stops_cleanly(tmp_path):
     assert (home / "prefect.db").exists()
 
 
+class Up:
+    """A `conveyor up` subprocess with its output collected line by line."""
+
+    def __init__(self, cwd: Path, *args: str, env: dict | None = None):
+        env = env or {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "conveyor.cli", *args], cwd=cwd, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),
+                                       daemon=True)
+        self.reader.start()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_up(self, timeout: float = 180) -> None:
+        wait_for(lambda: "conveyor is up" in self.text or self.proc.poll() is not None, timeout, "conveyor up")
+        assert self.proc.poll() is None, self.text
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(90)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self.reader.join(5)
+        return rc
+
+
+def record(w: RecordingWriter, episodes: range, interval: float, stop: threading.Event) -> threading.Thread:
+    """The recorder keeps going in the background: one finished episode every `interval` seconds."""
+    def go():
+        for ep in episodes:
+            if stop.wait(interval):
+                return
+            w.write_episode(ep, LEN)
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.slow
+def test_up_restarts_its_killed_prefect_server_and_lands_every_episode_once(tmp_path):
+    """Hostile: SIGKILL the server of `conveyor up` while the recorder keeps writing. `up` restarts it on the
+    same port and database; the watcher rides out the outage (a failed ingest is offered again); every
+    episode lands exactly once."""
+    from conveyor.validate import validate_fast
+
+    name, port, home = "hostile-src", free_port(), tmp_path / "phome"
+    cfg = write_config(tmp_path, name, extra=f'[prefect]\nhome = "phome"\nport = {port}\n')
+    api_url = f"http://127.0.0.1:{port}/api"
+    rec, store = tmp_path / "rec", tmp_path / "stores" / name
+    w = RecordingWriter(rec, SPEC)
+    w.write_episode(0, LEN)
+    up = Up(tmp_path, "--config", str(cfg), "up")
+    stop = threading.Event()
+    try:
+        up.wait_up()
+        for where in ("stores:", "work folder:", "objects:", "cache:", "logs:"):
+            assert where in up.text, up.text
+        assert f"{tmp_path / 'stores'}  ({name})" in up.text and str(home / "server.log") in up.text
+        wait_for(lambda: store_sources(store) == [0], 120, "episode 0 in the store")
+        recorder = record(w, range(1, 13), 0.7, stop)
+        wait_for(lambda: len(store_sources(store)) >= 3, 60, "episodes landing before the kill")
+        [server] = [p for p in _pids_with_env(f"PREFECT_HOME={home}")
+                    if b"server" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
+        os.kill(server, signal.SIGKILL)
+        wait_for(lambda: "Prefect server is back" in up.text or up.proc.poll() is not None, 120, "the restart")
+        assert up.proc.poll() is None and "Prefect server exited (code -9); restarting it" in up.text, up.text
+        recorder.join(30)
+        try:
+            wait_for(lambda: store_sources(store) == list(range(13)), 120, "all 13 episodes, once each")
+        except AssertionError as e:
+            log = (home / "worker-cpu.log").read_text(errors="replace")[-6000:]
+            raise AssertionError(f"{e}; store has {store_sources(store)}\n{up.text}\n{log}") from None
+        time.sleep(3)  # nothing more lands late (a duplicate would show here)
+        assert store_sources(store) == list(range(13))
+        assert Store.open(store).version.total_episodes == 13
+        assert validate_fast(store, against=rec).ok
+        [new_server] = [p for p in _pids_with_env(f"PREFECT_HOME={home}")
+                        if b"server" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
+        assert new_server != server
+        running = [r for r in flow_runs(api_url, "watch") if r["state"]["type"] == "RUNNING"]
+        assert len(running) == 1, "one watcher, not two"
+    finally:
+        stop.set()
+        rc = up.stop()
+    assert rc == 0, up.text
+    assert _pids_with_env(f"PREFECT_HOME={home}") == [], "no orphan processes"
+    assert not port_in_use("127.0.0.1", port)
+
+
+@pytest.mark.slow
+def test_up_joins_an_existing_server(prefect_api, tmp_path):
+    """`conveyor up --api-url URL --pools cpu` starts no server: it registers pools, limits and deployments on
+    the given one (here the session's SQLite server) and runs the watcher and a cpu worker here."""
+    name = "join-src"
+    cfg = write_config(tmp_path, name, extra='[prefect]\nhome = "phome"\n')
+    w = RecordingWriter(tmp_path / "rec", SPEC)
+    w.write_episode(0, LEN)
+    store = tmp_path / "stores" / name
+    up = Up(tmp_path, "--config", str(cfg), "up", "--api-url", prefect_api, "--pools", "cpu")
+    try:
+        up.wait_up()
+        assert f"joining the Prefect server at {prefect_api}" in up.text and "starting Prefect server" not in up.text
+        assert "workers here: cpu" in up.text
+        wait_for(lambda: store_sources(store) == [0], 120, "episode 0 through the joined server")
+        w.write_episode(1, LEN)
+        wait_for(lambda: store_sources(store) == [0, 1], 60, "episode 1")
+        [watch_run] = [r for r in flow_runs(prefect_api, "watch") if r["state"]["type"] == "RUNNING"]
+        assert watch_run["deployment_id"]
+        assert api(prefect_api, "GET", f"/v2/concurrency_limits/store-{name}")[0] == 200
+        status, automations = api(prefect_api, "POST", "/automations/filter", {})
+        assert "conveyor: rescue lost train runs" in {a["name"] for a in automations}
+        status, dep = api(prefect_api, "GET", "/deployments/name/train/train")
+        step = dep["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+        assert step["directory"] == "{{ $CONVEYOR_PROJECT_DIR }}", "each worker resolves its own checkout"
+        status, workers = api(prefect_api, "POST", "/work_pools/gpu/workers/filter", {})
+        assert not [x for x in workers if x["status"] == "ONLINE" and "conveyor-gpu" in x["name"]]
+    finally:
+        rc = up.stop()
+    assert rc == 0, up.text
+    assert [r["state"]["type"] for r in flow_runs(prefect_api, "watch") if r["id"] == watch_run["id"]] == ["CANCELLED"]
+    assert _pids_with_env(f"PREFECT_HOME={tmp_path / 'phome'}") == [], "no orphan processes"
+    assert api(prefect_api, "GET", "/health")[0] == 200, "the joined server keeps running"
+
+
+def test_worker_joins_a_server_serves_a_pool_and_stops_cleanly(prefect_api, tmp_path):
+    """`conveyor worker --pool gpu --api-url URL`: one command joins this machine; it says what it serves,
+    shows up in the pool, and SIGTERM stops it and everything it started."""
+    cfg = write_config(tmp_path, "w-src")
+    cfg.write_text('storage_url = "file://objects"\ncache_dir = "cache"\n' + cfg.read_text(), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CONVEYOR_"))}
+    cmd = [sys.executable, "-m", "conveyor.cli", "worker", "--pool", "gpu", "--config", str(cfg)]
+    missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "pass --api-url URL" in missing.stderr
+    nobody = f"http://127.0.0.1:{free_port()}/api"
+    gone = subprocess.run(cmd + ["--api-url", nobody], env=env, capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1 and f"{nobody}: no Prefect server answers" in gone.stderr, gone.stderr
+
+    proc = subprocess.Popen(cmd + ["--api-url", prefect_api, "--name", "w-test"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        def online():
+            status, ws = api(prefect_api, "POST", "/work_pools/gpu/workers/filter", {})
+            return status == 200 and any(w["name"] == "w-test" and w["status"] == "ONLINE" for w in ws)
+        wait_for(lambda: online() or proc.poll() is not None, 90, "the worker online in pool gpu")
+        assert proc.poll() is None, "".join(lines)
+        said = " ".join("".join(lines).split())
+        for part in ("serving pool gpu", f"Prefect API: {prefect_api}", f"config: {cfg}",
+                     f"store_root: {tmp_path / 'stores'}", f"work_dir: {tmp_path / 'work'}",
+                     f"cache_dir: {tmp_path / 'cache'}", f"storage: file://{tmp_path / 'objects'}",
+                     f"project: {ROOT}"):
+            assert part in said, said
+        assert _pids_with_env(f"CONVEYOR_CACHE_DIR={tmp_path / 'cache'}"), "the worker carries the resolved paths"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        reader.join(5)
+    assert rc == 0 and "conveyor worker: stopped" in "".join(lines), "".join(lines)
+    assert _pids_with_env(f"CONVEYOR_CONFIG={cfg}") == [], "no orphan processes"
+
+
 # -- shipped Prefect configuration ------------------------------------------------------------------------
 
 def _prefect_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -463,6 +631,10 @@ def test_shipped_pool_templates_and_prefect_yaml_register(prefect_api):
     k8s = json.loads((ROOT / "deployments" / "kubernetes-gpu.json").read_text())
     container = k8s["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+    # the dataset cache lives on a volume mounted at the cache_dir the flows are told about
+    assert {"name": "cache", "mountPath": "{{ cache_mount }}"} in container["volumeMounts"]
+    props = k8s["variables"]["properties"]
+    assert props["env"]["default"]["CONVEYOR_CACHE_DIR"] == props["cache_mount"]["default"] == "/cache"
 
     env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_PROJECT_DIR"}
     p = _prefect_cli("deploy", "--all", env=env)
