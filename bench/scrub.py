@@ -95,7 +95,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from conveyor.backup import backup
-    from conveyor.storage import open_store
+    from conveyor.repo import open_repo
     from conveyor.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-scrub-"))
@@ -105,7 +105,7 @@ def main() -> None:
         files = [str(store / rel) for rel in sorted(Store.open(store).manifest())]
         total = sum(os.path.getsize(f) for f in files)
         url = f"file://{tmp / 'objects'}"
-        with open_store(url) as repo:
+        with open_repo(url) as repo:
             backup(store, repo)
         tools = {
             "conveyor scrub (2 threads)": [PY, "-m", "conveyor.cli", "scrub", str(store)],

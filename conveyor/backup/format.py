@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pydantic import BaseModel, Field
 
 from conveyor.errors import ConveyorError
-from conveyor.models import DatasetVersion
+from conveyor.version import DatasetVersion
 
 FORMAT = "conveyor-snapshot/1"
 PACK_MIN = 1 << 20        # files smaller than this go into packs

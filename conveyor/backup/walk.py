@@ -18,7 +18,7 @@ from pathlib import Path
 
 from conveyor.errors import ConveyorError
 from conveyor.fileio import sha256_file, write_atomic
-from conveyor.models import DatasetVersion
+from conveyor.version import DatasetVersion
 from conveyor.store import Store, is_store
 
 RACY_NS = 2_000_000_000
