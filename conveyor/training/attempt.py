@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
 
@@ -228,17 +229,10 @@ def run_attempt(plan: TrainPlan, settings=None, *, log: Log = print, on_line: Lo
 
         env = {**os.environ, **plan.env}
         cmd = lerobot_command(args, plan.lerobot.executable, req.gpus)
-        with hold(plan.dataset_root):         # the cached dataset version is not evicted while it trains
-            if archiver:
-                with archiver:
-                    run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size,
-                                            log_freq=req.log_freq, start_step=result.started_from,
-                                            on_line=on_line, on_metrics=metrics_cb,
-                                            pid_file=plan.output_dir / "train.pid")
-            else:
-                run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size, log_freq=req.log_freq,
-                                        start_step=result.started_from, on_line=on_line, on_metrics=metrics_cb,
-                                        pid_file=plan.output_dir / "train.pid")
+        with hold(plan.dataset_root), (archiver or nullcontext()):  # the cached version is not evicted meanwhile
+            run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size, log_freq=req.log_freq,
+                                    start_step=result.started_from, on_line=on_line, on_metrics=metrics_cb,
+                                    pid_file=plan.output_dir / "train.pid")
         result.returncode, result.log_path, result.seconds = run.returncode, str(run.log_path), run.seconds
         newest = ck.newest_local(plan.lerobot_dir)
         result.final_step = newest.step if newest else 0
