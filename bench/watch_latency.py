@@ -19,6 +19,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -39,6 +40,82 @@ from conveyor.processes import free_port  # noqa: E402
 def pctl(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def _ts(iso: str | None) -> float | None:
+    return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() if iso else None
+
+
+def _all(api_url: str, path: str, body: dict) -> list[dict]:
+    from conveyor.supervisor import api
+
+    out, offset = [], 0
+    while True:
+        status, page = api(api_url, "POST", path, dict(body, limit=200, offset=offset))
+        if status != 200 or not page:
+            return out
+        out += page
+        offset += len(page)
+
+
+READY = re.compile(r"episode\(s\) \[([\d, ]+)\] complete, ingesting")
+STAGES = (  # (label, from, to): consecutive moments of one episode's way into the store
+    ("detect: finished -> watcher hands it over (debounce + settle + scan)", "finished", "ready"),
+    ("subflow start: hand-over -> ingest run running", "ready", "flow_start"),
+    ("ingest run start -> append task running", "flow_start", "append_start"),
+    ("append task (open, scan, load, write, commit) -> in the ledger", "append_start", "committed"),
+    ("committed -> validate-fast running (task end, artifacts)", "committed", "validate_start"),
+    ("validate-fast", "validate_start", "validated"),
+    ("finished -> committed", "finished", "committed"),
+)
+
+
+def breakdown(api_url: str, finished: dict[int, float], committed: dict[int, float]) -> dict[int, dict]:
+    """Each episode's moments, from Prefect's own records: the watch run's hand-over log line, the child
+    ingest run that started next, and its append-episodes / validate-fast task runs."""
+    watch_runs = _all(api_url, "/flow_runs/filter", {"flows": {"name": {"any_": ["watch"]}}})
+    logs = _all(api_url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [r["id"] for r in watch_runs]}}})
+    ready: dict[int, float] = {}
+    for lg in sorted(logs, key=lambda x: x["timestamp"]):
+        m = READY.search(lg["message"])
+        if m:
+            for ep in (int(x) for x in m.group(1).split(",")):
+                ready.setdefault(ep, _ts(lg["timestamp"]))
+    runs = sorted((r for r in _all(api_url, "/flow_runs/filter", {"flows": {"name": {"any_": ["ingest"]}}})
+                   if r.get("start_time")), key=lambda r: _ts(r["start_time"]))
+    tasks = _all(api_url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [r["id"] for r in runs]}}})
+    by_run: dict[str, dict[str, dict]] = {}
+    for t in tasks:
+        by_run.setdefault(t["flow_run_id"], {})[t["name"].rsplit("-", 1)[0]] = t  # "validate-fast-0" -> task
+    out: dict[int, dict] = {}
+    for ep, t0 in finished.items():
+        m = {"finished": t0}
+        if ep in committed:
+            m["committed"] = committed[ep]
+        if ep in ready:
+            m["ready"] = ready[ep]
+            run = next((r for r in runs if _ts(r["start_time"]) >= ready[ep] - 0.05), None)
+            if run is not None:
+                m["flow_start"] = _ts(run["start_time"])
+                tr = by_run.get(run["id"], {})
+                if "append-episodes" in tr:
+                    m["append_start"] = _ts(tr["append-episodes"].get("start_time"))
+                if "validate-fast" in tr and tr["validate-fast"]["state"]["type"] == "COMPLETED":
+                    m["validate_start"] = _ts(tr["validate-fast"].get("start_time"))
+                    m["validated"] = _ts(tr["validate-fast"].get("end_time"))
+        out[ep] = {k: v for k, v in m.items() if v is not None}
+    return out
+
+
+def stage_table(stages: dict[int, dict], finished: dict[int, float]) -> list[str]:
+    lines = ["Where the time goes (per episode, from the watch run's hand-over log line and the child ingest "
+             "run's task runs in the Prefect API):", "",
+             "| stage | median (s) | p95 (s) | episodes |", "| --- | --- | --- | --- |"]
+    for label, a, b in STAGES:
+        v = [m[b] - m[a] for m in stages.values() if a in m and b in m]
+        if v:
+            lines.append(f"| {label} | {statistics.median(v):.2f} | {pctl(v, 0.95):.2f} | {len(v)} |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +148,6 @@ def run(a, work: Path, api_url: str) -> int:
     # imported after PREFECT_API_URL is set: Prefect snapshots its settings at import
     from conveyor.settings import WatchSettings
     from conveyor.store import Store
-    from conveyor.supervisor import api
     from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
     from flows.watch import stop_watching, watch
 
@@ -119,20 +195,18 @@ def run(a, work: Path, api_url: str) -> int:
     watcher.join(120)
     stop_poll.set()
 
-    status, tasks = api(api_url, "POST", "/task_runs/filter",
-                        {"task_runs": {"name": {"like_": "validate-fast"}}, "limit": 200})
-    ends = sorted(datetime.datetime.fromisoformat(t["end_time"].replace("Z", "+00:00")).timestamp()
-                  for t in tasks if t.get("end_time") and t["state"]["type"] == "COMPLETED")
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=20)  # the hand-over log lines must be in the API before we read them
     lat_commit, lat_fast = [], []
+    stages = breakdown(api_url, finished, committed)
     for ep, t0 in finished.items():
         if ep not in committed:
             continue
         lat_commit.append(committed[ep] - t0)
-        after = [e for e in ends if e >= committed[ep] - 0.05]
-        if after:
-            lat_fast.append(after[0] - t0)
+        if ep in stages and "validated" in stages[ep]:
+            lat_fast.append(stages[ep]["validated"] - t0)
     missing = sorted(set(finished) - set(committed))
-
     def row(label: str, v: list[float]) -> str:
         if not v:
             return f"| {label} | - | - | - | 0 |"
@@ -158,8 +232,13 @@ def run(a, work: Path, api_url: str) -> int:
         "",
         (f"Not landed within the run: {missing}." if missing else "Every episode landed."),
         "",
+        *stage_table(stages, finished),
     ])
     print(text)
+    keys = ["finished", "ready", "flow_start", "append_start", "committed", "validate_start", "validated"]
+    print("per episode, seconds after finished: " + " ".join(keys[1:]))
+    for ep, m in sorted(stages.items()):
+        print(ep, " ".join(f"{m[k] - m['finished']:6.2f}" if k in m else "     -" for k in keys[1:]))
     if not a.no_readme:
         write_section(SECTION, text)
     return 0 if not missing else 1

@@ -245,7 +245,12 @@ def _deep(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
     except Exception as e:  # any failure here is exactly what the deep check exists to catch
         add("lerobot LeRobotDataset loads offline", False, f"{type(e).__name__}: {e}")
         return
-    add("lerobot LeRobotDataset loads offline", ds.num_episodes == len(rows) and len(ds) == chk.info["total_frames"],
+    # the store may have grown by a commit while lerobot imported (seconds): appends keep every checked
+    # episode where it was, so lerobot must see either the totals we read or the ones committed since
+    now = json.loads((s.root / layout.INFO).read_text())
+    seen = (ds.num_episodes, len(ds))
+    add("lerobot LeRobotDataset loads offline",
+        seen in ((len(rows), chk.info["total_frames"]), (now.get("total_episodes"), now.get("total_frames"))),
         f"{ds.num_episodes} episodes, {len(ds)} frames")
     for e in todo:
         row = rows[e]

@@ -82,7 +82,7 @@ def watch(config: str | None = None, sources: list[str] | None = None, deep: boo
 
     def on_ready(name: str, episodes: list[int]) -> None:
         nonlocal runs
-        log.info("%s: episode(s) %s complete, ingesting", name, episodes)
+        log.info("%s: episode(s) %s complete, ingesting", name, episodes)  # bench/watch_latency.py parses this
         runs += 1
         res = ingest(source=name, config=config, deep=False)  # a failure raises: offered again later
         if deep and res["added"]:
