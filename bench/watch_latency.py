@@ -75,12 +75,7 @@ def breakdown(api_url: str, finished: dict[int, float], committed: dict[int, flo
     ingest run that started next, and its append-episodes / validate-fast task runs."""
     watch_runs = _all(api_url, "/flow_runs/filter", {"flows": {"name": {"any_": ["watch"]}}})
     logs = _all(api_url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [r["id"] for r in watch_runs]}}})
-    ready: dict[int, float] = {}
-    for lg in sorted(logs, key=lambda x: x["timestamp"]):
-        m = READY.search(lg["message"])
-        if m:
-            for ep in (int(x) for x in m.group(1).split(",")):
-                ready.setdefault(ep, _ts(lg["timestamp"]))
+    handovers = sorted(_ts(lg["timestamp"]) for lg in logs if READY.search(lg["message"]))
     runs = sorted((r for r in _all(api_url, "/flow_runs/filter", {"flows": {"name": {"any_": ["ingest"]}}})
                    if r.get("start_time")), key=lambda r: _ts(r["start_time"]))
     tasks = _all(api_url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [r["id"] for r in runs]}}})
@@ -89,21 +84,26 @@ def breakdown(api_url: str, finished: dict[int, float], committed: dict[int, flo
         by_run.setdefault(t["flow_run_id"], {})[t["name"].rsplit("-", 1)[0]] = t  # "validate-fast-0" -> task
     out: dict[int, dict] = {}
     for ep, t0 in finished.items():
-        m = {"finished": t0}
-        if ep in committed:
-            m["committed"] = committed[ep]
-        if ep in ready:
-            m["ready"] = ready[ep]
-            run = next((r for r in runs if _ts(r["start_time"]) >= ready[ep] - 0.05), None)
-            if run is not None:
-                m["flow_start"] = _ts(run["start_time"])
-                tr = by_run.get(run["id"], {})
-                if "append-episodes" in tr:
-                    m["append_start"] = _ts(tr["append-episodes"].get("start_time"))
-                if "validate-fast" in tr and tr["validate-fast"]["state"]["type"] == "COMPLETED":
-                    m["validate_start"] = _ts(tr["validate-fast"].get("start_time"))
-                    m["validated"] = _ts(tr["validate-fast"].get("end_time"))
-        out[ep] = {k: v for k, v in m.items() if v is not None}
+        m: dict[str, float] = {"finished": t0}
+        if ep not in committed:
+            out[ep] = m
+            continue
+        m["committed"] = committed[ep]
+        # the run that committed it (an ingest run takes every complete episode, not only the one handed
+        # over), and the hand-over that started that run
+        run = next((r for r in reversed(runs) if _ts(r["start_time"]) <= committed[ep]), None)
+        if run is not None:
+            start = _ts(run["start_time"])
+            tr = by_run.get(run["id"], {})
+            before = [h for h in handovers if h <= start]
+            moments = {"ready": before[-1] if before else None, "flow_start": start,
+                       "append_start": _ts(tr.get("append-episodes", {}).get("start_time"))}
+            fast = tr.get("validate-fast")
+            if fast and fast["state"]["type"] == "COMPLETED":
+                moments |= {"validate_start": _ts(fast.get("start_time")), "validated": _ts(fast.get("end_time"))}
+            # an episode finished after its run's earlier steps waited for nothing there: clip to finished
+            m |= {k: max(v, t0) for k, v in moments.items() if v is not None}
+        out[ep] = m
     return out
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -233,10 +236,40 @@ def validate_deep(store: str | Path, *, against: str | Path | None = None,
     return _run(store, against, episodes, deep=True)
 
 
+DEEP_NICE = 10  # the deep check yields the CPU to ingest and fast validation (the latency path)
+
+
 def _deep(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
-    """Load through lerobot 0.4.4 exactly as lerobot-train does, fully offline."""
+    """Run the lerobot part in a niced child process: its imports (torch, datasets: ~7 s and ~1 GB) then
+    never hold this process's GIL or memory, which matters in the long-running watch/worker process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="conveyor-deep-") as tmp:
+        out = Path(tmp) / "checks.json"
+        here = str(Path(__file__).resolve().parents[1])  # the child imports this very conveyor
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run([sys.executable, "-m", "conveyor.validate", "_deep", str(s.root), json.dumps(todo),
+                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0 or not out.exists():
+            tail = proc.stdout.decode(errors="replace").strip().splitlines()[-3:]
+            chk.report.add("lerobot deep check ran", False, f"exit {proc.returncode}: {' | '.join(tail)}")
+            return
+        for c in json.loads(out.read_text()):
+            chk.report.add(c["name"], c["ok"], c["detail"])
+
+
+def _deep_child(root: str, todo: str, out: str) -> None:
+    """`python -m conveyor.validate _deep ROOT EPISODES_JSON OUT`: the lerobot checks, as JSON in OUT."""
+    os.nice(DEEP_NICE)
+    s = Store(Path(root))
+    report = ValidationReport(store=root, deep=True)
+    chk = _Checker(s, None, report)
+    _deep_in_process(s, chk, load_episodes(s.root), json.loads(todo))
+    Path(out).write_text(json.dumps([c.model_dump() for c in report.checks]))
+
+
+def _deep_in_process(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
+    """Load through lerobot 0.4.4 exactly as lerobot-train does, fully offline."""
     add = chk.report.add
     try:
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -278,3 +311,7 @@ def _deep(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
                 if np.abs(got - ref.astype(np.float64)).max() > 1.0:
                     bad.append(f"{key}[{j}]")
         add(f"episode {e}: lerobot items equal stored data and frames", not bad, ", ".join(bad[:5]))
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "_deep":
+    _deep_child(*sys.argv[2:])

@@ -115,3 +115,31 @@ def test_a_missed_event_is_caught_by_the_rescan(tmp_path):
     time.sleep(0.6)
     watcher.poll()
     assert calls == [[0], [1]]
+
+
+def test_deep_check_runs_lerobot_in_a_child_and_reports_its_failures(tmp_path):
+    """The watch/worker process never imports torch for a deep check; a store lerobot cannot load fails."""
+    import json
+    import subprocess
+    import sys
+
+    from conveyor.ingest import convert
+    from conveyor.synthetic.recording import write_recording
+
+    src = write_recording(tmp_path / "src", episodes=2, lengths=6, spec=SPEC)
+    store = tmp_path / "store"
+    convert(src, store)
+    code = ("import sys, json; from conveyor.validate import validate_deep; r = validate_deep(sys.argv[1]); "
+            "print(json.dumps([r.ok, 'torch' in sys.modules, 'lerobot' in sys.modules, "
+            "[c.name for c in r.checks if c.name.startswith('lerobot')]]))")
+    out = subprocess.run([sys.executable, "-c", code, str(store)], capture_output=True, text=True, check=True)
+    ok, torch_loaded, lerobot_loaded, lerobot_checks = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ok and not torch_loaded and not lerobot_loaded and lerobot_checks == ["lerobot LeRobotDataset loads offline"]
+
+    info = json.loads((store / "meta/info.json").read_text())
+    info["features"]["action"]["dtype"] = "string"  # lerobot cannot read the rows as this any more
+    (store / "meta/info.json").write_text(json.dumps(info))
+    from conveyor.validate import validate_deep
+
+    failed = [c.name for c in validate_deep(store).failures]
+    assert any(name.startswith("lerobot") for name in failed), failed  # reported, not raised or swallowed
