@@ -75,6 +75,12 @@ def _convert(a: argparse.Namespace) -> int:
 
 
 def _ingest(a: argparse.Namespace) -> int:
+    from conveyor.pending import nothing_new
+
+    r = nothing_new(a.src, a.store)  # the common case, without importing pyarrow/numpy/PyAV
+    if r is not None:
+        print_ingest(r)
+        return _exit_code(r)
     from conveyor.ingest import ingest
 
     with progress_bar("ingesting") as cb:
