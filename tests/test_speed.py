@@ -47,3 +47,30 @@ def test_cli_ingest_with_nothing_new_imports_no_media_or_table_library(tmp_path)
     lines = out.stdout.strip().splitlines()
     assert json.loads(lines[-1]) == [0, []], out.stdout
     assert "0 new episode(s), 1 already in store" in lines[0]
+
+
+def test_cli_store_commands_never_import_pandas_and_write_the_same_bytes(tmp_path):
+    """pyarrow is told there is no pandas (0.3 s of imports); the files must not change because of it."""
+    import hashlib
+
+    import pandas  # noqa: F401  (this process: the API path with pandas loaded, as in a worker)
+
+    from conveyor.ingest import convert
+
+    rec = tmp_path / "rec"
+    w = RecordingWriter(rec, SPEC)
+    for ep in range(3):
+        w.write_episode(ep, 5 + ep)
+    convert(rec, tmp_path / "api")
+    code = ("import sys, json; from conveyor.cli import main; rc = main(['convert', sys.argv[1], sys.argv[2]]); "
+            "rc |= main(['validate', sys.argv[2], '--against', sys.argv[1]]); "
+            "print(json.dumps([rc, 'pandas' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code, str(rec), str(tmp_path / "cli")], capture_output=True,
+                         text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [0, False], out.stdout
+
+    def digest(root):
+        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file() and ".conveyor" not in p.parts}
+
+    assert digest(tmp_path / "cli") == digest(tmp_path / "api")
