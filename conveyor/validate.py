@@ -59,7 +59,20 @@ class _Checker:
         self._probes: dict[str, VideoProbe] = {}
         self._times: dict[str, list[float]] = {}
         self._tables: dict[str, pa.Table] = {}
+        self._open: dict[str, object] = {}  # rel -> open av container, reused across a file's episodes
         self.tasks = read_tasks(self.root / layout.TASKS)
+
+    def container(self, rel: str):
+        if rel not in self._open:
+            import av
+
+            self._open[rel] = av.open(str(self.root / rel))
+        return self._open[rel]
+
+    def close(self) -> None:
+        for c in self._open.values():
+            c.close()
+        self._open.clear()
 
     def probe(self, rel: str) -> VideoProbe:
         if rel not in self._probes:
@@ -122,7 +135,7 @@ class _Checker:
                 seg = self.segment(row, key)
                 rel = self.video_rel(row, key)
                 recomputed[key] = st.image_stats(sample_keyframes(self.root / rel, self.probe(rel), seg,
-                                                                  st.CAMERA_SAMPLES)) if seg else {}
+                                                                  st.CAMERA_SAMPLES, self.container(rel))) if seg else {}
             elif ft["dtype"] == "image":
                 recomputed[key] = st.image_stats(st.png_frames(data.column(key).to_pylist()))
             else:
@@ -218,8 +231,11 @@ def _run(store: str | Path, against, episodes, deep: bool) -> ValidationReport:
     chk.check_store(rows, ledger)
     todo = list(range(len(rows))) if episodes is None else [e for e in episodes if 0 <= e < len(rows)]
     report.episodes_checked = todo
-    for e in todo:
-        chk.check_episode(rows[e], by_ep.get(e))
+    try:
+        for e in todo:
+            chk.check_episode(rows[e], by_ep.get(e))
+    finally:
+        chk.close()
     if deep:
         _deep(s, chk, rows, todo)
     report.seconds = time.monotonic() - t0
