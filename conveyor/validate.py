@@ -7,7 +7,6 @@ values for sampled items of every checked episode.
 """
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import subprocess
@@ -37,11 +36,32 @@ def _read(path) -> pa.Table:
 
 
 def load_episodes(root: Path) -> list[dict]:
-    files = sorted((root / "meta" / "episodes").glob("*/*.parquet"))
-    rows: list[dict] = []
-    for f in files:
-        rows += _read(f).to_pylist()
-    return sorted(rows, key=lambda r: r["episode_index"])
+    return episodes_table(root).to_pylist()
+
+
+def episodes_table(root: Path) -> pa.Table:
+    """Every meta/episodes row, sorted by episode_index, as one arrow table."""
+    tables = [_read(f) for f in sorted((root / "meta" / "episodes").glob("*/*.parquet"))]
+    if not tables:
+        return pa.table({"episode_index": pa.array([], pa.int64())})
+    return pa.concat_tables(tables).sort_by("episode_index")
+
+
+def _stacked(col: pa.ChunkedArray) -> np.ndarray:
+    """(n, *shape) numpy array of a list column whose rows all have one shape (the stats columns)."""
+    arr = col.combine_chunks()
+    n = len(arr)
+    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+        arr = arr.flatten()
+    flat = arr.to_numpy(zero_copy_only=False)
+    shape = np.asarray(col[0].as_py()).shape if n else ()
+    return flat.reshape((n, *shape))
+
+
+def stacked_stats(features: dict, table: pa.Table) -> dict[str, st.Stats]:
+    """The whole store's stats aggregated from the metadata columns (vectorised `st.aggregate`)."""
+    return {k: st.aggregate_stacked({s: _stacked(table.column(f"stats/{k}/{s}")) for s in st.STAT_KEYS})
+            for k in sorted(features)}
 
 
 def _sample(n: int) -> list[int]:
@@ -57,7 +77,7 @@ class _Checker:
         self.video_keys = [k for k, f in self.features.items() if f["dtype"] == "video"]
         self.src = V21Source.open(against) if against else None
         self._probes: dict[str, VideoProbe] = {}
-        self._times: dict[str, list[float]] = {}
+        self._times: dict[str, np.ndarray] = {}
         self._tables: dict[str, pa.Table] = {}
         self._open: dict[str, object] = {}  # rel -> open av container, reused across a file's episodes
         self.tasks = read_tasks(self.root / layout.TASKS)
@@ -97,11 +117,13 @@ class _Checker:
         """The episode's packets: pts whose time lies in [from, to) (bisected: files hold many episodes)."""
         rel = self.video_rel(row, key)
         pr = self.probe(rel)
-        if rel not in self._times:
-            self._times[rel] = [float(p * pr.time_base) for p in pr.pts]
+        if rel not in self._times:  # exact int products, one correctly rounded division: = float(pts * tb)
+            tb = pr.time_base
+            self._times[rel] = np.asarray(pr.pts, dtype=np.int64) * tb.numerator / tb.denominator
         times = self._times[rel]
         a, b = row[f"videos/{key}/from_timestamp"], row[f"videos/{key}/to_timestamp"]
-        return pr.pts[bisect.bisect_left(times, a - 1e-6):bisect.bisect_left(times, b - 1e-6)]
+        lo, hi = np.searchsorted(times, [a - 1e-6, b - 1e-6], side="left")
+        return pr.pts[int(lo):int(hi)]
 
     # -- per-episode checks -------------------------------------------------------------------------
 
@@ -184,7 +206,8 @@ class _Checker:
 
     # -- whole-store checks ---------------------------------------------------------------------------
 
-    def check_store(self, rows: list[dict], ledger: list[dict]) -> None:
+    def check_store(self, rows: list[dict], ledger: list[dict], table: pa.Table) -> None:
+        """Whole-store consistency from metadata only (no pixels, no data rows): cheap at any size."""
         add, info = self.report.add, self.info
         n_eps, n_frames = info["total_episodes"], info["total_frames"]
         add("episode indices contiguous", [r["episode_index"] for r in rows] == list(range(len(rows))),
@@ -211,7 +234,7 @@ class _Checker:
             f"orphans {sorted(on_disk - referenced)[:3]}, missing {sorted(referenced - on_disk)[:3]}")
         stats_path = self.root / layout.STATS
         if rows:
-            agg = st.aggregate([stats_from_row(self.features, r) for r in rows])
+            agg = stacked_stats(self.features, table)
             stored = st.from_json(json.loads(stats_path.read_text()))
             bad = st.equal(agg, stored, rtol=1e-6, atol=1e-6)
             add("stats.json equals aggregate of episode stats", not bad, ", ".join(bad[:5]))
@@ -225,15 +248,17 @@ def _run(store: str | Path, against, episodes, deep: bool) -> ValidationReport:
         report.add("store has committed data", False, "no meta/info.json (empty store)")
         return report
     chk = _Checker(s, Path(against).resolve() if against else None, report)
-    rows = load_episodes(s.root)
+    table = episodes_table(s.root)
+    # the whole-store checks need no stats columns: only the checked episodes' rows are read in full
+    rows = table.select([c for c in table.column_names if not c.startswith("stats/")]).to_pylist()
     ledger = s.ledger()
     by_ep = {r["episode_index"]: r for r in ledger}
-    chk.check_store(rows, ledger)
+    chk.check_store(rows, ledger, table)
     todo = list(range(len(rows))) if episodes is None else [e for e in episodes if 0 <= e < len(rows)]
     report.episodes_checked = todo
     try:
-        for e in todo:
-            chk.check_episode(rows[e], by_ep.get(e))
+        for e, row in zip(todo, table.take(todo).to_pylist() if todo else []):
+            chk.check_episode(row, by_ep.get(e))
     finally:
         chk.close()
     if deep:
