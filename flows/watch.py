@@ -91,6 +91,10 @@ def watch(config: str | None = None, sources: list[str] | None = None, deep: boo
     def on_error(name: str, e: Exception) -> None:
         log.warning("%s: %s", name, e)
 
+    # import the append/validate code now, not when the first episode lands (~0.5 s of that episode's latency)
+    import conveyor.ingest  # noqa: F401
+    import conveyor.validate  # noqa: F401
+
     w = settings.watch
     log.info("watching %s (settle %.1f s, rescan every %.0f s)",
              ", ".join(f"{s.name}={s.path}" for s in chosen), w.settle_seconds, w.rescan_seconds)
