@@ -6,7 +6,9 @@ in-process subflow about 1 s. Started by `conveyor up` through the `watch` deplo
 
 The deep check (lerobot load, seconds per batch) is kept off the latency path: the child ingest run
 commits and fast-validates, and the deep check of the new episodes runs as a `validate-deep` task of this
-watch run, concurrently, one at a time per store, batching whatever landed meanwhile.
+watch run, concurrently, one at a time per store, batching whatever landed meanwhile; its lerobot part runs
+in a niced child process (`conveyor.validate`), so torch is never imported here and never holds this
+process's GIL while the next episode lands.
 """
 from __future__ import annotations
 

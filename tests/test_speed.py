@@ -74,3 +74,18 @@ def test_cli_store_commands_never_import_pandas_and_write_the_same_bytes(tmp_pat
                 for p in sorted(root.rglob("*")) if p.is_file() and ".conveyor" not in p.parts}
 
     assert digest(tmp_path / "cli") == digest(tmp_path / "api")
+
+
+def test_keyframe_choice_is_the_same_from_a_set_or_the_sorted_tuple():
+    """Validation bisects a sorted tuple; ingest passes the file's set: both must pick the same frames."""
+    import random
+
+    from conveyor.video import pick_keyframes
+
+    rng = random.Random(7)
+    for _ in range(300):
+        pts = sorted(rng.sample(range(0, 5000, 3), rng.randint(1, 400)))
+        keys = frozenset(p for p in pts if rng.random() < 0.3) | {pts[0]}
+        a = rng.randrange(len(pts))
+        seg = tuple(pts[a:rng.randint(a + 1, len(pts))])
+        assert pick_keyframes(seg, keys, 3) == pick_keyframes(seg, tuple(sorted(keys)), 3)
