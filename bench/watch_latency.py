@@ -220,8 +220,9 @@ def run(a, work: Path, api_url: str) -> int:
         "first, jsonl line last). Latency is from the recorder's last file landing to the episode in the store "
         "(ledger, polled every 20 ms) and to the end of the `validate-fast` task that covered it.",
         "",
-        f"Settings: settle {settle:g} s, debounce {defaults.debounce_seconds:g} s, deep validation "
-        f"{'off' if a.no_deep else 'on (a concurrent `validate-deep` task of the watch run, off the latency path)'}. "
+        f"Settings: settle {settle:g} s (waited only when an episode's files do not prove they are final), "
+        f"debounce {defaults.debounce_seconds:g} s (none for a change of episodes.jsonl), deep validation "
+        f"{'off' if a.no_deep else 'on (a concurrent `validate-deep` task of the watch run, lerobot in a niced child process, off the latency path)'}. "
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, shared; "
         f"{datetime.date.today().isoformat()}.",
         "",
