@@ -46,6 +46,7 @@ class _SourceState:
     settle_at: dict[int, float] = field(default_factory=dict)  # episode -> wall time it will have settled
     watched: bool = False
     last_error: str | None = None
+    unconfirmed: str | None = None          # an error seen once: maybe a file caught mid-write (info.json)
 
 
 class _Handler(FileSystemEventHandler):
@@ -149,11 +150,17 @@ class EpisodeWatcher:
             complete, scan = src.scan(skip=st.handled)
         except Exception as e:  # noqa: BLE001 - one unreadable file must not kill the watcher
             msg = str(e) if isinstance(e, ConveyorError) else f"{type(e).__name__}: {e}"
+            if msg != st.unconfirmed and msg != st.last_error:
+                # scans start as soon as episodes.jsonl changes, while the recorder may still be rewriting
+                # info.json (truncate, then write): look again after the debounce before reporting
+                st.unconfirmed = msg
+                self.mark_dirty(st.name)
+                return
             if msg != st.last_error:  # a source that does not exist yet is reported once, not every scan
                 st.last_error = msg
                 self._report(st.name, e)
             return
-        st.last_error = None
+        st.last_error = st.unconfirmed = None
         candidates = [ep for ep in scan.complete if ep not in st.handled] + \
                      [ep for ep in scan.bad if ep not in st.handled]
         wall = time.time()

@@ -143,3 +143,32 @@ def test_deep_check_runs_lerobot_in_a_child_and_reports_its_failures(tmp_path):
 
     failed = [c.name for c in validate_deep(store).failures]
     assert any(name.startswith("lerobot") for name in failed), failed  # reported, not raised or swallowed
+
+
+def test_an_info_json_caught_mid_write_is_looked_at_again_not_reported(tmp_path):
+    """The recorder rewrites info.json (truncate, write) right after the jsonl line the watcher reacts to."""
+    rec = tmp_path / "rec"
+    w = RecordingWriter(rec, SPEC)
+    w.write_episode(0, LEN)
+    info = rec / "meta/info.json"
+    good = info.read_bytes()
+    info.write_bytes(good[: len(good) // 2])  # as read in the middle of the recorder's rewrite
+    calls, errors = [], []
+    watcher = EpisodeWatcher({"rec": rec}, on_ready=lambda n, eps: calls.append(eps), settle_seconds=5.0,
+                             debounce_seconds=0.1, rescan_seconds=60.0, on_error=lambda n, e: errors.append(e))
+    watcher.poll()
+    assert not calls and not errors, "one failed read is not reported yet"
+    info.write_bytes(good)  # the rewrite completes
+    time.sleep(0.15)
+    watcher.poll()
+    assert calls == [[0]] and not errors
+
+    info.write_bytes(good[:10])  # really broken: reported at the next look
+    w.write_episode(1, LEN)
+    info.write_bytes(good[:10])
+    watcher.mark_dirty("rec", urgent=True)  # what the observer does on the recorder's jsonl line
+    watcher.poll()
+    assert not errors
+    time.sleep(0.15)
+    watcher.poll()
+    assert len(errors) == 1 and "info.json" in str(errors[0]) and calls == [[0]]
