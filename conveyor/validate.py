@@ -262,7 +262,7 @@ def _run(store: str | Path, against, episodes, deep: bool) -> ValidationReport:
     finally:
         chk.close()
     if deep:
-        _deep(s, chk, rows, todo)
+        _deep(s.root, todo, report)
     report.seconds = time.monotonic() - t0
     return report
 
@@ -280,7 +280,23 @@ def validate_deep(store: str | Path, *, against: str | Path | None = None,
 DEEP_NICE = 10  # the deep check yields the CPU to ingest and fast validation (the latency path)
 
 
-def _deep(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
+def validate_lerobot(store: str | Path, *, episodes: list[int] | None = None) -> ValidationReport:
+    """Only the lerobot part of the deep check, for episodes the fast check already covered (the watch
+    flow fast-validates every commit, so its deep check need not redo that work in its own process)."""
+    t0 = time.monotonic()
+    s = Store.open(store)
+    report = ValidationReport(store=str(s.root), deep=True, version=s.version)
+    if not s.info:
+        report.add("store has committed data", False, "no meta/info.json (empty store)")
+        return report
+    n = int(s.info["total_episodes"])
+    report.episodes_checked = list(range(n)) if episodes is None else [e for e in episodes if 0 <= e < n]
+    _deep(s.root, report.episodes_checked, report)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _deep(root: Path, todo: list[int], report: ValidationReport) -> None:
     """Run the lerobot part in a niced child process: its imports (torch, datasets: ~7 s and ~1 GB) then
     never hold this process's GIL or memory, which matters in the long-running watch/worker process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -289,14 +305,14 @@ def _deep(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
         out = Path(tmp) / "checks.json"
         here = str(Path(__file__).resolve().parents[1])  # the child imports this very conveyor
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-        proc = subprocess.run([sys.executable, "-m", "conveyor.validate", "_deep", str(s.root), json.dumps(todo),
+        proc = subprocess.run([sys.executable, "-m", "conveyor.validate", "_deep", str(root), json.dumps(todo),
                                str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0 or not out.exists():
             tail = proc.stdout.decode(errors="replace").strip().splitlines()[-3:]
-            chk.report.add("lerobot deep check ran", False, f"exit {proc.returncode}: {' | '.join(tail)}")
+            report.add("lerobot deep check ran", False, f"exit {proc.returncode}: {' | '.join(tail)}")
             return
         for c in json.loads(out.read_text()):
-            chk.report.add(c["name"], c["ok"], c["detail"])
+            report.add(c["name"], c["ok"], c["detail"])
 
 
 def _deep_child(root: str, todo: str, out: str) -> None:
@@ -312,13 +328,18 @@ def _deep_child(root: str, todo: str, out: str) -> None:
 def _deep_in_process(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
     """Load through lerobot 0.4.4 exactly as lerobot-train does, fully offline."""
     add = chk.report.add
-    try:
-        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    for attempt in (0, 1):
+        head = s.head_commit()
+        try:
+            from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-        ds = LeRobotDataset(f"local/{s.root.name}", root=s.root, video_backend="pyav")
-    except Exception as e:  # any failure here is exactly what the deep check exists to catch
-        add("lerobot LeRobotDataset loads offline", False, f"{type(e).__name__}: {e}")
-        return
+            ds = LeRobotDataset(f"local/{s.root.name}", root=s.root, video_backend="pyav")
+            break
+        except Exception as e:  # any failure here is exactly what the deep check exists to catch...
+            if attempt or s.head_commit() == head:
+                add("lerobot LeRobotDataset loads offline", False, f"{type(e).__name__}: {e}")
+                return
+            # ...unless a commit landed while lerobot read the metadata files one by one: read again
     # the store may have grown by a commit while lerobot imported (seconds): appends keep every checked
     # episode where it was, so lerobot must see either the totals we read or the ones committed since
     now = json.loads((s.root / layout.INFO).read_text())
