@@ -19,6 +19,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -39,6 +40,82 @@ from conveyor.processes import free_port  # noqa: E402
 def pctl(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def _ts(iso: str | None) -> float | None:
+    return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() if iso else None
+
+
+def _all(api_url: str, path: str, body: dict) -> list[dict]:
+    from conveyor.supervisor import api
+
+    out, offset = [], 0
+    while True:
+        status, page = api(api_url, "POST", path, dict(body, limit=200, offset=offset))
+        if status != 200 or not page:
+            return out
+        out += page
+        offset += len(page)
+
+
+READY = re.compile(r"episode\(s\) \[([\d, ]+)\] complete, ingesting")
+STAGES = (  # (label, from, to): consecutive moments of one episode's way into the store
+    ("detect: finished -> watcher hands it over (debounce + settle + scan)", "finished", "ready"),
+    ("subflow start: hand-over -> ingest run running", "ready", "flow_start"),
+    ("ingest run start -> append task running", "flow_start", "append_start"),
+    ("append task (open, scan, load, write, commit) -> in the ledger", "append_start", "committed"),
+    ("committed -> validate-fast running (task end, artifacts)", "committed", "validate_start"),
+    ("validate-fast", "validate_start", "validated"),
+    ("finished -> committed", "finished", "committed"),
+)
+
+
+def breakdown(api_url: str, finished: dict[int, float], committed: dict[int, float]) -> dict[int, dict]:
+    """Each episode's moments, from Prefect's own records: the watch run's hand-over log line, the child
+    ingest run that started next, and its append-episodes / validate-fast task runs."""
+    watch_runs = _all(api_url, "/flow_runs/filter", {"flows": {"name": {"any_": ["watch"]}}})
+    logs = _all(api_url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [r["id"] for r in watch_runs]}}})
+    handovers = sorted(_ts(lg["timestamp"]) for lg in logs if READY.search(lg["message"]))
+    runs = sorted((r for r in _all(api_url, "/flow_runs/filter", {"flows": {"name": {"any_": ["ingest"]}}})
+                   if r.get("start_time")), key=lambda r: _ts(r["start_time"]))
+    tasks = _all(api_url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [r["id"] for r in runs]}}})
+    by_run: dict[str, dict[str, dict]] = {}
+    for t in tasks:
+        by_run.setdefault(t["flow_run_id"], {})[t["name"].rsplit("-", 1)[0]] = t  # "validate-fast-0" -> task
+    out: dict[int, dict] = {}
+    for ep, t0 in finished.items():
+        m: dict[str, float] = {"finished": t0}
+        if ep not in committed:
+            out[ep] = m
+            continue
+        m["committed"] = committed[ep]
+        # the run that committed it (an ingest run takes every complete episode, not only the one handed
+        # over), and the hand-over that started that run
+        run = next((r for r in reversed(runs) if _ts(r["start_time"]) <= committed[ep]), None)
+        if run is not None:
+            start = _ts(run["start_time"])
+            tr = by_run.get(run["id"], {})
+            before = [h for h in handovers if h <= start]
+            moments = {"ready": before[-1] if before else None, "flow_start": start,
+                       "append_start": _ts(tr.get("append-episodes", {}).get("start_time"))}
+            fast = tr.get("validate-fast")
+            if fast and fast["state"]["type"] == "COMPLETED":
+                moments |= {"validate_start": _ts(fast.get("start_time")), "validated": _ts(fast.get("end_time"))}
+            # an episode finished after its run's earlier steps waited for nothing there: clip to finished
+            m |= {k: max(v, t0) for k, v in moments.items() if v is not None}
+        out[ep] = m
+    return out
+
+
+def stage_table(stages: dict[int, dict], finished: dict[int, float]) -> list[str]:
+    lines = ["Where the time goes (per episode, from the watch run's hand-over log line and the child ingest "
+             "run's task runs in the Prefect API):", "",
+             "| stage | median (s) | p95 (s) | episodes |", "| --- | --- | --- | --- |"]
+    for label, a, b in STAGES:
+        v = [m[b] - m[a] for m in stages.values() if a in m and b in m]
+        if v:
+            lines.append(f"| {label} | {statistics.median(v):.2f} | {pctl(v, 0.95):.2f} | {len(v)} |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +148,6 @@ def run(a, work: Path, api_url: str) -> int:
     # imported after PREFECT_API_URL is set: Prefect snapshots its settings at import
     from conveyor.settings import WatchSettings
     from conveyor.store import Store
-    from conveyor.supervisor import api
     from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
     from flows.watch import stop_watching, watch
 
@@ -119,20 +195,18 @@ def run(a, work: Path, api_url: str) -> int:
     watcher.join(120)
     stop_poll.set()
 
-    status, tasks = api(api_url, "POST", "/task_runs/filter",
-                        {"task_runs": {"name": {"like_": "validate-fast"}}, "limit": 200})
-    ends = sorted(datetime.datetime.fromisoformat(t["end_time"].replace("Z", "+00:00")).timestamp()
-                  for t in tasks if t.get("end_time") and t["state"]["type"] == "COMPLETED")
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=20)  # the hand-over log lines must be in the API before we read them
     lat_commit, lat_fast = [], []
+    stages = breakdown(api_url, finished, committed)
     for ep, t0 in finished.items():
         if ep not in committed:
             continue
         lat_commit.append(committed[ep] - t0)
-        after = [e for e in ends if e >= committed[ep] - 0.05]
-        if after:
-            lat_fast.append(after[0] - t0)
+        if ep in stages and "validated" in stages[ep]:
+            lat_fast.append(stages[ep]["validated"] - t0)
     missing = sorted(set(finished) - set(committed))
-
     def row(label: str, v: list[float]) -> str:
         if not v:
             return f"| {label} | - | - | - | 0 |"
@@ -146,8 +220,9 @@ def run(a, work: Path, api_url: str) -> int:
         "first, jsonl line last). Latency is from the recorder's last file landing to the episode in the store "
         "(ledger, polled every 20 ms) and to the end of the `validate-fast` task that covered it.",
         "",
-        f"Settings: settle {settle:g} s, debounce {defaults.debounce_seconds:g} s, deep validation "
-        f"{'off' if a.no_deep else 'on (a concurrent `validate-deep` task of the watch run, off the latency path)'}. "
+        f"Settings: settle {settle:g} s (waited only when an episode's files do not prove they are final), "
+        f"debounce {defaults.debounce_seconds:g} s (none for a change of episodes.jsonl), deep validation "
+        f"{'off' if a.no_deep else 'on (a concurrent `validate-deep` task of the watch run, lerobot in a niced child process, off the latency path)'}. "
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, shared; "
         f"{datetime.date.today().isoformat()}.",
         "",
@@ -158,8 +233,13 @@ def run(a, work: Path, api_url: str) -> int:
         "",
         (f"Not landed within the run: {missing}." if missing else "Every episode landed."),
         "",
+        *stage_table(stages, finished),
     ])
     print(text)
+    keys = ["finished", "ready", "flow_start", "append_start", "committed", "validate_start", "validated"]
+    print("per episode, seconds after finished: " + " ".join(keys[1:]))
+    for ep, m in sorted(stages.items()):
+        print(ep, " ".join(f"{m[k] - m['finished']:6.2f}" if k in m else "     -" for k in keys[1:]))
     if not a.no_readme:
         write_section(SECTION, text)
     return 0 if not missing else 1

@@ -12,10 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from conveyor.errors import BadEpisode, ConveyorError
-from conveyor.video import probe
 
 SUPPORTED_VERSION = "v2.1"
 DEFAULT_FEATURE_KEYS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
@@ -185,6 +182,10 @@ class V21Source:
         the line last), so it is reported rather than waited for. `probe_videos=False` leaves the
         frame-count check to a caller that demuxes the videos anyway (ingest).
         """
+        import pyarrow.parquet as pq  # here, not at the top: `conveyor ingest` with nothing new needs neither
+
+        from conveyor.video import probe
+
         length = int(record.get("length", -1))
         pq_path = self.parquet_path(ep)
         if not pq_path.exists():
@@ -229,7 +230,12 @@ class V21Source:
                 continue
             ready.append(se)
             result.complete.append(ep)
-        # files of episodes whose line is not written yet: still being recorded
+        result.incomplete = self.unrecorded(records)
+        return ready, result
+
+    def unrecorded(self, records: dict[int, dict] | set[int]) -> list[int]:
+        """Episodes with a data file but no jsonl line yet: still being recorded."""
+        out = []
         data_dir = self.root / "data"
         if data_dir.is_dir():
             for p in data_dir.glob("*/episode_*.parquet"):
@@ -238,9 +244,8 @@ class V21Source:
                 except (IndexError, ValueError):
                     continue
                 if ep not in records:
-                    result.incomplete.append(ep)
-        result.incomplete.sort()
-        return ready, result
+                    out.append(ep)
+        return sorted(out)
 
 
 def _comparable(features: dict) -> dict:

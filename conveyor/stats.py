@@ -88,27 +88,38 @@ def aggregate(stats_list: list[dict[str, Stats]]) -> dict[str, Stats]:
     keys = {k for s in stats_list for k in s}
     for key in sorted(keys):
         parts = [s[key] for s in stats_list if key in s]
-        counts = np.array([float(p["count"][0]) for p in parts])
-        total = counts.sum()
-        w = counts / total
-        shape = np.asarray(parts[0]["mean"]).shape
-        wb = w.reshape((-1,) + (1,) * len(shape))
-        means = np.stack([np.asarray(p["mean"], dtype=np.float64) for p in parts])
-        stds = np.stack([np.asarray(p["std"], dtype=np.float64) for p in parts])
-        mean = (means * wb).sum(axis=0)
-        var = ((stds**2 + (means - mean) ** 2) * wb).sum(axis=0)
-        agg: Stats = {
-            "min": np.min(np.stack([np.asarray(p["min"]) for p in parts]), axis=0),
-            "max": np.max(np.stack([np.asarray(p["max"]) for p in parts]), axis=0),
-            "mean": mean,
-            "std": np.sqrt(var),
-            "count": np.array([int(total)], dtype=np.int64),
-        }
-        for q in QUANTILES:
-            if all(q in p for p in parts):
-                agg[q] = (np.stack([np.asarray(p[q], dtype=np.float64) for p in parts]) * wb).sum(axis=0)
-        out[key] = agg
+        stacked = {stat: np.stack([np.asarray(p[stat]) for p in parts])
+                   for stat in ("min", "max", "mean", "std", "count") if all(stat in p for p in parts)}
+        stacked |= {q: np.stack([np.asarray(p[q], dtype=np.float64) for p in parts])
+                    for q in QUANTILES if all(q in p for p in parts)}
+        out[key] = aggregate_stacked(stacked)
     return out
+
+
+def aggregate_stacked(st: Stats) -> Stats:
+    """`aggregate` of one feature whose per-part stats are stacked along axis 0 (count: shape (n, 1)).
+
+    The whole-store check builds these stacks straight from the metadata columns: one numpy call per
+    stat instead of one small array per episode and stat."""
+    counts = np.asarray(st["count"]).reshape(len(st["count"]), -1)[:, 0].astype(np.float64)
+    total = counts.sum()
+    w = counts / total
+    means = np.asarray(st["mean"], dtype=np.float64)
+    stds = np.asarray(st["std"], dtype=np.float64)
+    wb = w.reshape((-1,) + (1,) * (means.ndim - 1))
+    mean = (means * wb).sum(axis=0)
+    var = ((stds**2 + (means - mean) ** 2) * wb).sum(axis=0)
+    agg: Stats = {
+        "min": np.min(np.asarray(st["min"]), axis=0),
+        "max": np.max(np.asarray(st["max"]), axis=0),
+        "mean": mean,
+        "std": np.sqrt(var),
+        "count": np.array([int(total)], dtype=np.int64),
+    }
+    for q in QUANTILES:
+        if q in st:
+            agg[q] = (np.asarray(st[q], dtype=np.float64) * wb).sum(axis=0)
+    return agg
 
 
 def to_json(stats: dict[str, Stats]) -> dict[str, dict[str, list]]:

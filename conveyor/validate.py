@@ -7,9 +7,11 @@ values for sampled items of every checked episode.
 """
 from __future__ import annotations
 
-import bisect
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +43,31 @@ def _read(path) -> pa.Table:
     return pq.ParquetFile(path).read()
 
 
+def episodes_table(root: Path) -> pa.Table:
+    """Every meta/episodes row, sorted by episode_index, as one arrow table."""
+    tables = [_read(f) for f in sorted((root / "meta" / "episodes").glob("*/*.parquet"))]
+    if not tables:
+        return pa.table({"episode_index": pa.array([], pa.int64())})
+    return pa.concat_tables(tables).sort_by("episode_index")
+
+
+def _stacked(col: pa.ChunkedArray) -> np.ndarray:
+    """(n, *shape) numpy array of a list column whose rows all have one shape (the stats columns)."""
+    arr = col.combine_chunks()
+    n = len(arr)
+    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+        arr = arr.flatten()
+    flat = arr.to_numpy(zero_copy_only=False)
+    shape = np.asarray(col[0].as_py()).shape if n else ()
+    return flat.reshape((n, *shape))
+
+
+def stacked_stats(features: dict, table: pa.Table) -> dict[str, st.Stats]:
+    """The whole store's stats aggregated from the metadata columns (vectorised `st.aggregate`)."""
+    return {k: st.aggregate_stacked({s: _stacked(table.column(f"stats/{k}/{s}")) for s in st.STAT_KEYS})
+            for k in sorted(features)}
+
+
 def _sample(n: int) -> list[int]:
     return sorted({0, n // 2, n - 1})
 
@@ -54,9 +81,22 @@ class _Checker:
         self.video_keys = [k for k, f in self.features.items() if f["dtype"] == "video"]
         self.src = V21Source.open(against) if against else None
         self._probes: dict[str, VideoProbe] = {}
-        self._times: dict[str, list[float]] = {}
+        self._times: dict[str, np.ndarray] = {}
         self._tables: dict[str, pa.Table] = {}
+        self._open: dict[str, object] = {}  # rel -> open av container, reused across a file's episodes
         self.tasks = read_tasks(self.root / layout.TASKS)
+
+    def container(self, rel: str):
+        if rel not in self._open:
+            import av
+
+            self._open[rel] = av.open(str(self.root / rel))
+        return self._open[rel]
+
+    def close(self) -> None:
+        for c in self._open.values():
+            c.close()
+        self._open.clear()
 
     def probe(self, rel: str) -> VideoProbe:
         if rel not in self._probes:
@@ -79,11 +119,13 @@ class _Checker:
         """The episode's packets: pts whose time lies in [from, to) (bisected: files hold many episodes)."""
         rel = self.video_rel(row, key)
         pr = self.probe(rel)
-        if rel not in self._times:
-            self._times[rel] = [float(p * pr.time_base) for p in pr.pts]
+        if rel not in self._times:  # exact int products, one correctly rounded division: = float(pts * tb)
+            tb = pr.time_base
+            self._times[rel] = np.asarray(pr.pts, dtype=np.int64) * tb.numerator / tb.denominator
         times = self._times[rel]
         a, b = row[f"videos/{key}/from_timestamp"], row[f"videos/{key}/to_timestamp"]
-        return pr.pts[bisect.bisect_left(times, a - 1e-6):bisect.bisect_left(times, b - 1e-6)]
+        lo, hi = np.searchsorted(times, [a - 1e-6, b - 1e-6], side="left")
+        return pr.pts[int(lo):int(hi)]
 
     # -- per-episode checks -------------------------------------------------------------------------
 
@@ -138,8 +180,8 @@ class _Checker:
             if ft["dtype"] == "video":
                 seg = self.segment(row, key)
                 rel = self.video_rel(row, key)
-                frames = self.media(row, key, sample_keyframes, self.root / rel, self.probe(rel), seg,
-                                    st.CAMERA_SAMPLES) if seg else None
+                frames = self.media(row, key, lambda: sample_keyframes(
+                    self.root / rel, self.probe(rel), seg, st.CAMERA_SAMPLES, self.container(rel))) if seg else None
                 if seg and not frames:
                     raise _Damaged(f"camera {key}", f"episode {ep}, camera {key}, file {rel}: no keyframe in the "
                                                     "episode's packets (damaged or re-muxed file)")
@@ -193,7 +235,8 @@ class _Checker:
 
     # -- whole-store checks ---------------------------------------------------------------------------
 
-    def check_store(self, rows: list[dict], ledger: list[LedgerRecord]) -> None:
+    def check_store(self, rows: list[dict], ledger: list[LedgerRecord], table: pa.Table) -> None:
+        """Whole-store consistency from metadata only (no pixels, no data rows): cheap at any size."""
         add, info = self.report.add, self.info
         n_eps, n_frames = info["total_episodes"], info["total_frames"]
         add("episode indices contiguous", [r["episode_index"] for r in rows] == list(range(len(rows))),
@@ -219,7 +262,7 @@ class _Checker:
             f"orphans {sorted(on_disk - referenced)[:3]}, missing {sorted(referenced - on_disk)[:3]}")
         stats_path = self.root / layout.STATS
         if rows:
-            agg = st.aggregate([stats_from_row(self.features, r) for r in rows])
+            agg = stacked_stats(self.features, table)
             stored = st.from_json(json.loads(stats_path.read_text()))
             bad = st.equal(agg, stored, rtol=1e-6, atol=1e-6)
             add("stats.json equals aggregate of episode stats", not bad, ", ".join(bad[:5]))
@@ -235,19 +278,26 @@ def _run(store: str | Path, against, episodes, deep: bool) -> ValidationReport:
     try:
         _check_hashes(s, report, episodes)
         chk = _Checker(s, Path(against).resolve() if against else None, report)
-        rows = load_episodes(s.root)
+        table = episodes_table(s.root)
+        # the whole-store checks need no stats columns: only the checked episodes' rows are read in full
+        rows = table.select([c for c in table.column_names if not c.startswith("stats/")]).to_pylist()
         ledger = s.ledger()
         by_ep = {r.episode_index: r for r in ledger}
+        chk.check_store(rows, ledger, table)
         todo = list(range(len(rows))) if episodes is None else [e for e in episodes if 0 <= e < len(rows)]
         report.episodes_checked = todo
-        chk.check_store(rows, ledger)
-        for e in todo:
-            chk.check_episode(rows[e], by_ep.get(e))
-        if deep:
-            _deep(s, chk, rows, todo)
+        try:
+            for e, row in zip(todo, table.take(todo).to_pylist() if todo else []):
+                chk.check_episode(row, by_ep.get(e))
+        finally:
+            chk.close()
     except MEDIA_ERRORS as e:  # a damaged store fails a check, naming the file; it never ends in a traceback
         where = f"{e.path}: {e.problem}" if isinstance(e, ConveyorError) else _why(e)
         report.add("store readable", False, where)
+        report.seconds = time.monotonic() - t0
+        return report
+    if deep:
+        _deep(s.root, todo, report)
     report.seconds = time.monotonic() - t0
     return report
 
@@ -264,9 +314,8 @@ def _check_hashes(s: Store, report: ValidationReport, episodes: list[int] | None
             keys = [k for k, f in s.info["features"].items() if f["dtype"] == "video"]
             rels = set(layout.META_FILES) | {p for p in s.manifest() if p.startswith("meta/episodes/")}
             for r in (rows[e] for e in episodes if 0 <= e < len(rows)):
-                rels.add(layout.DATA_PATH.format(chunk_index=r["data/chunk_index"], file_index=r["data/file_index"]))
-                rels |= {layout.VIDEO_PATH.format(video_key=k, chunk_index=r[f"videos/{k}/chunk_index"],
-                                                  file_index=r[f"videos/{k}/file_index"]) for k in keys}
+                rels.add(layout.episode_data_path(r))
+                rels |= {layout.episode_video_path(r, k) for k in keys}
             rels = sorted(rels)
         except MEDIA_ERRORS:
             rels = None  # unreadable metadata: check everything
@@ -286,19 +335,75 @@ def validate_deep(store: str | Path, *, against: str | Path | None = None,
     return _run(store, against, episodes, deep=True)
 
 
-def _deep(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
-    """Load through lerobot 0.4.4 exactly as lerobot-train does, fully offline."""
+DEEP_NICE = 10  # the deep check yields the CPU to ingest and fast validation (the latency path)
+
+
+def validate_lerobot(store: str | Path, *, episodes: list[int] | None = None) -> ValidationReport:
+    """Only the lerobot part of the deep check, for episodes the fast check already covered (the watch
+    flow fast-validates every commit, so its deep check need not redo that work in its own process)."""
+    t0 = time.monotonic()
+    s = Store.open(store)
+    report = ValidationReport(store=str(s.root), deep=True, version=s.version)
+    if not s.info:
+        report.add("store has committed data", False, "no meta/info.json (empty store)")
+        return report
+    n = int(s.info["total_episodes"])
+    report.episodes_checked = list(range(n)) if episodes is None else [e for e in episodes if 0 <= e < n]
+    _deep(s.root, report.episodes_checked, report)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _deep(root: Path, todo: list[int], report: ValidationReport) -> None:
+    """Run the lerobot part in a niced child process: its imports (torch, datasets: ~7 s and ~1 GB) then
+    never hold this process's GIL or memory, which matters in the long-running watch/worker process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    add = chk.report.add
-    try:
-        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    with tempfile.TemporaryDirectory(prefix="conveyor-deep-") as tmp:
+        out = Path(tmp) / "checks.json"
+        here = str(Path(__file__).resolve().parents[1])  # the child imports this very conveyor
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run([sys.executable, "-m", "conveyor.validate", "_deep", str(root), json.dumps(todo),
+                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0 or not out.exists():
+            tail = proc.stdout.decode(errors="replace").strip().splitlines()[-3:]
+            report.add("lerobot deep check ran", False, f"exit {proc.returncode}: {' | '.join(tail)}")
+            return
+        for c in json.loads(out.read_text()):
+            report.add(c["name"], c["ok"], c["detail"])
 
-        ds = LeRobotDataset(f"local/{s.root.name}", root=s.root, video_backend="pyav")
-    except Exception as e:  # any failure here is exactly what the deep check exists to catch
-        add("lerobot LeRobotDataset loads offline", False, f"{type(e).__name__}: {e}")
-        return
-    add("lerobot LeRobotDataset loads offline", ds.num_episodes == len(rows) and len(ds) == chk.info["total_frames"],
+
+def _deep_child(root: str, todo: str, out: str) -> None:
+    """`python -m conveyor.validate _deep ROOT EPISODES_JSON OUT`: the lerobot checks, as JSON in OUT."""
+    os.nice(DEEP_NICE)
+    s = Store(Path(root))
+    report = ValidationReport(store=root, deep=True)
+    chk = _Checker(s, None, report)
+    _deep_in_process(s, chk, load_episodes(s.root), json.loads(todo))
+    Path(out).write_text(json.dumps([c.model_dump() for c in report.checks]))
+
+
+def _deep_in_process(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
+    """Load through the installed lerobot exactly as lerobot-train does, fully offline."""
+    add = chk.report.add
+    for attempt in (0, 1):
+        head = s.head_commit()
+        try:
+            from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+            ds = LeRobotDataset(f"local/{s.root.name}", root=s.root, video_backend="pyav")
+            break
+        except Exception as e:  # any failure here is exactly what the deep check exists to catch...
+            if attempt or s.head_commit() == head:
+                add("lerobot LeRobotDataset loads offline", False, f"{type(e).__name__}: {e}")
+                return
+            # ...unless a commit landed while lerobot read the metadata files one by one: read again
+    # the store may have grown by a commit while lerobot imported (seconds): appends keep every checked
+    # episode where it was, so lerobot must see either the totals we read or the ones committed since
+    now = json.loads((s.root / layout.INFO).read_text())
+    seen = (ds.num_episodes, len(ds))
+    add("lerobot LeRobotDataset loads offline",
+        seen in ((len(rows), chk.info["total_frames"]), (now.get("total_episodes"), now.get("total_frames"))),
         f"{ds.num_episodes} episodes, {len(ds)} frames")
     for e in todo:
         row = rows[e]
@@ -360,3 +465,7 @@ def _why(e: BaseException) -> str:
     if isinstance(e, ConveyorError):
         return e.problem
     return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "_deep":
+    _deep_child(*sys.argv[2:])

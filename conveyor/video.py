@@ -7,9 +7,11 @@ durations, upstream issue #3177) and must not import torch on the conversion pat
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import cached_property
 from pathlib import Path
 
 import av
@@ -36,6 +38,11 @@ class VideoProbe:
 
     def times(self) -> list[float]:
         return [float(p * self.time_base) for p in self.pts]
+
+    @cached_property
+    def sorted_keyframes(self) -> tuple[int, ...]:
+        """`keyframes` sorted once, so picking one episode's keyframes in a file of many is a bisection."""
+        return tuple(sorted(self.keyframes))
 
 
 def _open(path: Path):
@@ -96,12 +103,17 @@ def probe(path: str | Path, sample: int = 0) -> VideoProbe | tuple[VideoProbe, l
         return pr, frames
 
 
-def pick_keyframes(seg_pts: tuple[int, ...] | list[int], keyframes: frozenset[int], k: int) -> list[int]:
+def pick_keyframes(seg_pts: tuple[int, ...] | list[int], keyframes: frozenset[int] | tuple[int, ...], k: int
+                   ) -> list[int]:
     """The keyframes (pts) that camera stats use for one episode: for k evenly spaced frame positions,
     the last keyframe at or before it. Chosen by position, so an episode sampled in its source file and
-    in a concatenated store file yields the same frames."""
+    in a concatenated store file yields the same frames. `keyframes` may be a set or a sorted tuple
+    (`VideoProbe.sorted_keyframes`: O(log n) in a file of many episodes instead of O(n))."""
     n = len(seg_pts)
-    kfs = sorted(p for p in keyframes if seg_pts[0] <= p <= seg_pts[-1])
+    if isinstance(keyframes, tuple):
+        kfs = keyframes[bisect.bisect_left(keyframes, seg_pts[0]):bisect.bisect_right(keyframes, seg_pts[-1])]
+    else:
+        kfs = sorted(p for p in keyframes if seg_pts[0] <= p <= seg_pts[-1])
     out: list[int] = []
     for j in sorted({(i * n) // k for i in range(min(k, n))}):
         i = bisect.bisect_right(kfs, seg_pts[j]) - 1
@@ -212,13 +224,18 @@ def decode_frames(path: Path, times: list[float], tol: float = 1e-4) -> list[np.
     return out
 
 
-def sample_keyframes(path: Path, pr: VideoProbe, seg_pts: tuple[int, ...], k: int) -> list[np.ndarray]:
-    """The frames `pick_keyframes` chooses for one episode inside a (concatenated) file, by seeking."""
+def sample_keyframes(path: Path, pr: VideoProbe, seg_pts: tuple[int, ...], k: int, container=None
+                     ) -> list[np.ndarray]:
+    """The frames `pick_keyframes` chooses for one episode inside a (concatenated) file, by seeking.
+
+    `container`: an open `av` container of `path` to reuse (opening parses the whole index: checking
+    every episode of a file would otherwise cost O(episodes^2))."""
     frames: list[np.ndarray] = []
-    with _open(path) as c:
+    with (_open(path) if container is None else contextlib.nullcontext(container)) as c:
         s = c.streams.video[0]
-        s.codec_context.thread_count = 1
-        for kp in pick_keyframes(seg_pts, pr.keyframes, k):
+        if not s.codec_context.is_open:
+            s.codec_context.thread_count = 1
+        for kp in pick_keyframes(seg_pts, pr.sorted_keyframes, k):
             try:
                 c.seek(kp, stream=s, backward=True, any_frame=False)
                 for frame in c.decode(s):

@@ -2,16 +2,20 @@
 
 watchdog (inotify here) tells us *that* something changed in a source folder; the core completeness
 rules (`conveyor.source`: episodes.jsonl line + parquet + every camera mp4, consistent lengths) tell us
-*which* episodes are complete. On top of that an episode must have settled: none of its files was
-modified during the last `settle_seconds` (mtime-based, i.e. sizes stable that long), which covers
-copies (rsync, network mounts) that write the jsonl line before the media. Events are debounced, and a
-periodic full rescan catches events that never arrive (NFS/SMB mounts, missed inotify events).
+*which* episodes are complete. A complete episode is handed over at once when its files prove they are
+final (`conveyor.evidence`: parquet footer rows = mp4 packets = the jsonl line's length, every mp4's boxes
+complete). Otherwise (a camera file missing or half-copied, another container) it must have settled: none
+of its files was modified during the last `settle_seconds` (mtime-based), which covers copies (rsync,
+network mounts) that write the jsonl line before the media. Events are debounced, except a change of
+`meta/episodes.jsonl` (the recorder's "episode finished"), which is scanned at once; a periodic full
+rescan catches events that never arrive (NFS/SMB mounts, missed inotify events).
 
 No Prefect here: `flows/watch.py` wraps this and runs the ingest flow from the callback.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +26,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from conveyor.errors import ConveyorError
+from conveyor.evidence import episode_final
 from conveyor.source import V21Source
 
 log = logging.getLogger("conveyor.watcher")
@@ -35,11 +40,13 @@ class _SourceState:
     name: str
     path: Path
     dirty_at: float | None = 0.0           # monotonic time of the last unhandled event; 0 = scan at start
+    urgent: bool = False                   # episodes.jsonl changed: scan without waiting for the debounce
     next_rescan: float = 0.0
     handled: set[int] = field(default_factory=set)
     settle_at: dict[int, float] = field(default_factory=dict)  # episode -> wall time it will have settled
     watched: bool = False
     last_error: str | None = None
+    unconfirmed: str | None = None          # an error seen once: maybe a file caught mid-write (info.json)
 
 
 class _Handler(FileSystemEventHandler):
@@ -49,11 +56,13 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):  # reads (ours included) are not changes
             return
-        self.watcher.mark_dirty(self.name)
+        path = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
+        self.watcher.mark_dirty(self.name, urgent=path.endswith("episodes.jsonl"))
 
 
 class EpisodeWatcher:
-    """Calls `on_ready(source_name, episode_indices)` once per batch of newly complete, settled episodes.
+    """Calls `on_ready(source_name, episode_indices)` once per batch of newly complete episodes, each
+    either proven final by its files or settled.
 
     Episodes the core rules call broken (line present, files missing or inconsistent) are handed over
     too, once settled, so that ingest quarantines them with a reason instead of them waiting forever.
@@ -72,10 +81,11 @@ class EpisodeWatcher:
 
     # -- events -------------------------------------------------------------------------------------
 
-    def mark_dirty(self, name: str) -> None:
+    def mark_dirty(self, name: str, urgent: bool = False) -> None:
         with self._lock:
             st = self.sources[name]
             st.dirty_at = time.monotonic()
+            st.urgent = st.urgent or urgent
         self._wake.set()
 
     def start(self) -> None:
@@ -110,13 +120,13 @@ class EpisodeWatcher:
         now = time.monotonic()
         for st in self.sources.values():
             with self._lock:
-                debounced = st.dirty_at is not None and now - st.dirty_at >= self.debounce
+                debounced = st.dirty_at is not None and (st.urgent or now - st.dirty_at >= self.debounce)
                 rescan = now >= st.next_rescan
                 settling = any(t <= time.time() for t in st.settle_at.values())
                 if not (debounced or rescan or settling):
                     continue
                 if debounced:
-                    st.dirty_at = None
+                    st.dirty_at, st.urgent = None, False
             if rescan:
                 st.next_rescan = now + self.rescan
                 self._watch(st)
@@ -130,27 +140,37 @@ class EpisodeWatcher:
             for st in self.sources.values():
                 due.append(st.next_rescan - now)
                 if st.dirty_at is not None:
-                    due.append(st.dirty_at + self.debounce - now)
+                    due.append(0.0 if st.urgent else st.dirty_at + self.debounce - now)
                 due.extend(t - wall for t in st.settle_at.values())
         return max(0.0, min(due)) if due else self.rescan
 
     def _scan(self, st: _SourceState) -> None:
         try:
             src = V21Source.open(st.path)
-            _, scan = src.scan(skip=st.handled)
+            complete, scan = src.scan(skip=st.handled)
         except Exception as e:  # noqa: BLE001 - one unreadable file must not kill the watcher
             msg = str(e) if isinstance(e, ConveyorError) else f"{type(e).__name__}: {e}"
+            if msg != st.unconfirmed and msg != st.last_error:
+                # scans start as soon as episodes.jsonl changes, while the recorder may still be rewriting
+                # info.json (truncate, then write): look again after the debounce before reporting
+                st.unconfirmed = msg
+                self.mark_dirty(st.name)
+                return
             if msg != st.last_error:  # a source that does not exist yet is reported once, not every scan
                 st.last_error = msg
                 self._report(st.name, e)
             return
-        st.last_error = None
+        st.last_error = st.unconfirmed = None
         candidates = [ep for ep in scan.complete if ep not in st.handled] + \
                      [ep for ep in scan.bad if ep not in st.handled]
         wall = time.time()
         ready = []
+        final = {e.index for e in complete if episode_final(list(e.videos.values()))}
         st.settle_at.clear()  # rebuilt below, so episodes that vanished stop waking us
         for ep in sorted(set(candidates)):
+            if ep in final:  # proven final: no need to wait for the files to go quiet
+                ready.append(ep)
+                continue
             newest = _newest_mtime(src.episode_files(ep))
             if wall - newest >= self.settle:
                 ready.append(ep)

@@ -6,24 +6,42 @@ in-process subflow about 1 s. Started by `conveyor up` through the `watch` deplo
 
 The deep check (lerobot load, seconds per batch) is kept off the latency path: the child ingest run
 commits and fast-validates, and the deep check of the new episodes runs as a `validate-deep` task of this
-watch run, concurrently, one at a time per store, batching whatever landed meanwhile.
+watch run, concurrently, one at a time per store, batching whatever landed meanwhile; its lerobot part runs
+in a niced child process (`conveyor.validate`), so torch is never imported here and never holds this
+process's GIL while the next episode lands.
 """
 from __future__ import annotations
 
 import threading
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.futures import PrefectFuture
 
 from conveyor.errors import ConveyorError
+from conveyor.reports import ValidationReport
 from conveyor.settings import load_settings
 from conveyor.watcher import EpisodeWatcher
 from flows.ingest import ingest
-from tasks.ingest import validate_deep_task
+from tasks.retry import RETRY
 from tasks.views import report_deep_check
 
 _STOP = threading.Event()
+
+
+@task(name="validate-deep", **RETRY)
+def validate_lerobot_task(store_path: Path, episodes: list[int]) -> ValidationReport:
+    """lerobot's own loader on the newly landed episodes (their fast check ran in their ingest run)."""
+    from conveyor.validate import validate_lerobot
+
+    log = get_run_logger()
+    report = validate_lerobot(Path(store_path), episodes=episodes)
+    for c in report.checks:
+        (log.info if c.ok else log.error)("deep %s: %s %s", c.name, "ok" if c.ok else "FAILED", c.detail)
+    if not report.ok:
+        raise ConveyorError(store_path, "deep validation failed: "
+                            + "; ".join(f"{c.name}: {c.detail}" for c in report.failures))
+    return report
 
 
 def stop_watching() -> None:
@@ -59,7 +77,7 @@ class _DeepChecks:
         for name in [n for n in self.pending if n not in self.running]:
             store, source, eps = self.pending.pop(name)
             self.checking[name] = self.runs.pop(name, [])
-            self.running[name] = validate_deep_task.submit(store, source, eps)
+            self.running[name] = validate_lerobot_task.submit(store, eps)
 
     def drain(self) -> None:
         while self.pending or self.running:
@@ -88,7 +106,7 @@ def watch(config: str | None = None, sources: list[str] | None = None, deep: boo
 
     def on_ready(name: str, episodes: list[int]) -> None:
         nonlocal runs
-        log.info("%s: episode(s) %s complete, ingesting", name, episodes)
+        log.info("%s: episode(s) %s complete, ingesting", name, episodes)  # bench/watch_latency.py parses this
         runs += 1
         res = ingest(source=name, config=config, deep=False)  # a failure raises: offered again later
         if deep and res["added"]:
@@ -96,6 +114,10 @@ def watch(config: str | None = None, sources: list[str] | None = None, deep: boo
 
     def on_error(name: str, e: Exception) -> None:
         log.warning("%s: %s", name, e)
+
+    # import the append/validate code now, not when the first episode lands (~0.5 s of that episode's latency)
+    import conveyor.ingest  # noqa: F401
+    import conveyor.validate  # noqa: F401
 
     w = settings.watch
     log.info("watching %s (settle %.1f s, rescan every %.0f s)",

@@ -128,17 +128,19 @@ def test_watcher_hands_over_only_complete_settled_episodes(tmp_path):
         wait_for(lambda: len(calls) == 2, 5, "episode 1 once finished")
         assert calls[1][1] == [1]
 
-        # a fresh episode is handed over only after its files have been quiet for settle_seconds
-        files = w.write_episode(2, LEN)
+        # a finished episode whose files prove they are final is handed over without waiting to settle
+        w.write_episode(2, LEN)
+        finished = time.time()
         wait_for(lambda: len(calls) == 3, 5, "episode 2")
-        newest = max(p.stat().st_mtime for p in [files.parquet, *files.videos.values()])
-        assert calls[2][1] == [2] and calls[2][2] - newest >= 0.5
+        assert calls[2][1] == [2] and calls[2][2] - finished < 0.5
 
-        # a broken episode is handed over too (ingest quarantines it); a failing callback is retried
+        # a broken episode is handed over too (ingest quarantines it), but only once its files have been
+        # quiet for settle_seconds (it may be a copy still landing); a failing callback is retried
         fail_once["armed"] = True
         corrupt_episode(w, 3)
+        finished = time.time()
         wait_for(lambda: len(calls) == 4, 8, "episode 3 again after the callback failed once")
-        assert calls[3][1] == [3] and not fail_once["armed"]
+        assert calls[3][1] == [3] and not fail_once["armed"] and calls[3][2] - finished >= 0.4
     finally:
         stop.set()
         t.join(10)

@@ -34,6 +34,23 @@ def progress_bar(description: str, transfer: bool = False):
         yield update
 
 
+class _NoPandas:
+    """Import hook: `import pandas` fails as if it were not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError(f"{name}: not used by conveyor's store commands")
+        return None
+
+
+def without_pandas() -> None:
+    """pyarrow imports pandas (~0.3 s) the first time it converts a numpy array, only to ask whether the
+    value is a pandas object; the store commands never use pandas (lerobot's deep check runs in its own
+    process), so this process tells pyarrow there is none."""
+    if "pandas" not in sys.modules and not any(isinstance(f, _NoPandas) for f in sys.meta_path):
+        sys.meta_path.insert(0, _NoPandas())
+
+
 def print_ingest(r: IngestReport) -> None:
     for m in r.added:
         print(f"  source episode {m.source_episode_index} -> store episode {m.episode_index} "
@@ -88,6 +105,7 @@ def _exit_code(r: IngestReport) -> int:
 
 
 def _convert(a: argparse.Namespace) -> int:
+    without_pandas()
     from conveyor.ingest import convert
 
     with progress_bar("converting") as cb:
@@ -98,6 +116,13 @@ def _convert(a: argparse.Namespace) -> int:
 
 
 def _ingest(a: argparse.Namespace) -> int:
+    without_pandas()
+    from conveyor.pending import nothing_new
+
+    r = nothing_new(a.src, a.store)  # the common case, without importing pyarrow/numpy/PyAV
+    if r is not None:
+        print_ingest(r)
+        return _exit_code(r)
     from conveyor.ingest import ingest
 
     with progress_bar("ingesting") as cb:
@@ -109,6 +134,7 @@ def _ingest(a: argparse.Namespace) -> int:
 
 
 def _validate(a: argparse.Namespace) -> int:
+    without_pandas()
     from conveyor.validate import validate_deep, validate_fast
 
     r = (validate_deep if a.deep else validate_fast)(resolve_store(a, a.store), against=a.against)
@@ -117,6 +143,7 @@ def _validate(a: argparse.Namespace) -> int:
 
 
 def _compact(a: argparse.Namespace) -> int:
+    without_pandas()
     from conveyor.compact import compact
 
     with progress_bar("compacting") as cb:

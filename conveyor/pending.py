@@ -1,0 +1,50 @@
+"""Does a source have anything the store lacks? Answered from json and stat calls alone.
+
+`conveyor ingest` runs on every recorder tick; most runs find nothing new. This answers that case
+without importing pyarrow, numpy or PyAV (~0.2 s of a ~0.3 s run): every recorded episode is already in
+the store's ledger and none of their files changed (size + mtime as the ledger recorded them). Anything
+else (a new, broken or changed episode, a store to create, a feature mismatch) returns None and the full
+ingest handles and reports it, under the store lock.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from conveyor.models import IngestReport
+from conveyor.source import V21Source
+from conveyor.store import Store, is_store
+
+
+def _comparable(features: dict) -> dict:
+    return {k: (f["dtype"], list(f["shape"]), f.get("names")) for k, f in features.items()}
+
+
+def nothing_new(source: str | Path, store: str | Path) -> IngestReport | None:
+    """The report a full ingest would return when there is nothing to add, or None if there may be."""
+    t0 = time.monotonic()
+    src = V21Source.open(source)
+    root = Path(store).resolve()
+    if not is_store(root):
+        return None
+    s = Store.open(root)
+    info = s.info
+    if not info or int(info["fps"]) != src.fps or _comparable(info["features"]) != _comparable(src.features):
+        return None
+    key = str(src.root)
+    mine = {r["source_episode_index"]: r for r in s.ledger() if r["source"] == key}
+    records = src.episode_records()
+    if set(records) - set(mine):
+        return None
+    for ep, r in mine.items():
+        files = src.episode_files(ep)
+        try:
+            stats = [p.stat() for p in files]
+        except FileNotFoundError:  # the full ingest skips such an episode too
+            continue
+        if {p.name: [st.st_size, st.st_mtime_ns] for p, st in zip(files, stats)} != r["files"]:
+            return None  # maybe changed: the full ingest compares content hashes and reports it
+    report = IngestReport(source=key, store=str(root), version=s.version, already=len(mine),
+                          incomplete=src.unrecorded(records))
+    report.seconds = time.monotonic() - t0
+    return report

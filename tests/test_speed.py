@@ -1,0 +1,91 @@
+"""The fast paths give the same answers as the slow ones: `conveyor ingest` with nothing new."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conveyor.ingest import ingest
+from conveyor.pending import nothing_new
+from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
+
+SPEC = RecordingSpec(fps=30, cameras=(CameraSpec("observation.images.laptop", 48, 64),))
+
+
+def test_nothing_new_answers_like_the_full_ingest_and_defers_everything_else(tmp_path):
+    rec, store = tmp_path / "rec", tmp_path / "store"
+    w = RecordingWriter(rec, SPEC)
+    for ep in range(3):
+        w.write_episode(ep, 6)
+    assert nothing_new(rec, store) is None  # no store yet: the full ingest creates it
+    ingest(rec, store)
+    w.write_episode(3, 6, finish=False)  # still recording: reported as incomplete by both paths
+    fast = nothing_new(rec, store)
+    full = ingest(rec, store)
+    assert fast is not None and not full.added
+    keep = {"seconds"}
+    assert fast.model_dump(exclude=keep) == full.model_dump(exclude=keep) and fast.incomplete == [3]
+
+    w.finish_episode(3)
+    assert nothing_new(rec, store) is None, "a new episode goes through the full ingest"
+    ingest(rec, store)
+    assert nothing_new(rec, store) is not None
+    parquet = rec / "data/chunk-000/episode_000001.parquet"
+    parquet.write_bytes(parquet.read_bytes())  # same bytes, new mtime: the full path compares content
+    assert nothing_new(rec, store) is None
+    assert not ingest(rec, store).changed
+
+
+def test_cli_ingest_with_nothing_new_imports_no_media_or_table_library(tmp_path):
+    rec, store = tmp_path / "rec", tmp_path / "store"
+    RecordingWriter(rec, SPEC).write_episode(0, 5)
+    ingest(rec, store)
+    code = ("import sys, json; from conveyor.cli import main; rc = main(['ingest', sys.argv[1], sys.argv[2]]); "
+            "print(json.dumps([rc, sorted(m for m in ('numpy', 'pyarrow', 'av', 'rich') if m in sys.modules)]))")
+    out = subprocess.run([sys.executable, "-c", code, str(rec), str(store)], capture_output=True, text=True,
+                         check=True)
+    lines = out.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == [0, []], out.stdout
+    assert "0 new episode(s), 1 already in store" in lines[0]
+
+
+def test_cli_store_commands_never_import_pandas_and_write_the_same_bytes(tmp_path):
+    """pyarrow is told there is no pandas (0.3 s of imports); the files must not change because of it."""
+    import hashlib
+
+    import pandas  # noqa: F401  (this process: the API path with pandas loaded, as in a worker)
+
+    from conveyor.ingest import convert
+
+    rec = tmp_path / "rec"
+    w = RecordingWriter(rec, SPEC)
+    for ep in range(3):
+        w.write_episode(ep, 5 + ep)
+    convert(rec, tmp_path / "api")
+    code = ("import sys, json; from conveyor.cli import main; rc = main(['convert', sys.argv[1], sys.argv[2]]); "
+            "rc |= main(['validate', sys.argv[2], '--against', sys.argv[1]]); "
+            "print(json.dumps([rc, 'pandas' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code, str(rec), str(tmp_path / "cli")], capture_output=True,
+                         text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [0, False], out.stdout
+
+    def digest(root):
+        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file() and ".conveyor" not in p.parts}
+
+    assert digest(tmp_path / "cli") == digest(tmp_path / "api")
+
+
+def test_keyframe_choice_is_the_same_from_a_set_or_the_sorted_tuple():
+    """Validation bisects a sorted tuple; ingest passes the file's set: both must pick the same frames."""
+    import random
+
+    from conveyor.video import pick_keyframes
+
+    rng = random.Random(7)
+    for _ in range(300):
+        pts = sorted(rng.sample(range(0, 5000, 3), rng.randint(1, 400)))
+        keys = frozenset(p for p in pts if rng.random() < 0.3) | {pts[0]}
+        a = rng.randrange(len(pts))
+        seg = tuple(pts[a:rng.randint(a + 1, len(pts))])
+        assert pick_keyframes(seg, keys, 3) == pick_keyframes(seg, tuple(sorted(keys)), 3)
