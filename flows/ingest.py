@@ -22,7 +22,7 @@ from tasks.ingest import (append_episodes, record_version, trigger_training, val
 
 @flow(name="ingest", flow_run_name="ingest-{source}")
 def ingest(source: str, config: str | None = None, deep: bool = True, train: bool | None = None,
-           nightly: bool = False) -> dict[str, Any]:
+           nightly: bool = False, store_slot: bool = True) -> dict[str, Any]:
     """Ingest a source's complete new episodes into its store (the store of the same name under store_root).
 
     Args:
@@ -31,6 +31,8 @@ def ingest(source: str, config: str | None = None, deep: bool = True, train: boo
         deep: also load the new episodes through lerobot (its own task).
         train: empty follows the `training.policy` setting; true always starts training, false never.
         nightly: the caller is the nightly run (for `policy = "nightly"`).
+        store_slot: take the store's Prefect concurrency slot while appending (false: the caller is the
+            store's one writer, as the watch flow is; the store's own file lock still applies).
     """
     log = get_run_logger()
     settings = load_settings(config)
@@ -38,7 +40,7 @@ def ingest(source: str, config: str | None = None, deep: bool = True, train: boo
     store = settings.store_path(source)
 
     report = append_episodes(src.name, src.path, store, src.task, settings.data_files_size_in_mb,
-                             settings.video_files_size_in_mb)
+                             settings.video_files_size_in_mb, store_slot)
     if report.added:
         episode_table(src.name, report)
     quarantine_summary(src.name, report)

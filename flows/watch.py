@@ -108,7 +108,7 @@ def watch(config: str | None = None, sources: list[str] | None = None, deep: boo
         nonlocal runs
         log.info("%s: episode(s) %s complete, ingesting", name, episodes)  # bench/watch_latency.py parses this
         runs += 1
-        res = ingest(source=name, config=config, deep=False)  # a failure raises: offered again later
+        res = ingest(source=name, config=config, deep=False, store_slot=False)  # a failure raises: offered again
         if deep and res["added"]:
             deep_checks.add(name, settings.store_path(name), by_name[name].path, res["added"], res.get("run_id", ""))
 

@@ -5,6 +5,7 @@ one-writer-per-store global concurrency limit, artifacts and logging.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -29,14 +30,18 @@ def store_limit(store_name: str) -> str:
 
 @task(name="append-episodes", **RETRY)
 def append_episodes(source_name: str, source_path: Path, store_path: Path, task_text: str | None = None,
-                    data_mb: float = sizing.DATA_MB, video_mb: float = sizing.VIDEO_MB) -> IngestReport:
+                    data_mb: float = sizing.DATA_MB, video_mb: float = sizing.VIDEO_MB,
+                    store_slot: bool = True) -> IngestReport:
     """Append the source's complete new episodes to the store; bad episodes are quarantined by the core,
-    the rest still lands. Holds the store's Prefect concurrency slot, then the store's own file lock."""
+    the rest still lands. Holds the store's Prefect concurrency slot (unless `store_slot` is false), then the
+    store's own file lock, which alone already makes writers take turns."""
     from conveyor.ingest import ingest as core_ingest
 
     log = get_run_logger()
     progress = Progress(key=f"ingest-progress-{slug(source_name)}")
-    with concurrency(store_limit(source_name), occupy=1):
+    # Prefect's slot costs ~2 s per use in 3.9 (its lease-renewal thread is joined with a 2 s timeout on
+    # exit): the watcher, the one writer of its sources, skips it and relies on the store's file lock
+    with concurrency(store_limit(source_name), occupy=1) if store_slot else nullcontext():
         report = core_ingest(Path(source_path), Path(store_path), task=task_text, data_mb=data_mb,
                              video_mb=video_mb, progress=progress)
     progress(1, 1, ingest_done_text(report))
