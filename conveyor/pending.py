@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from conveyor.models import IngestReport
+from conveyor.reports import IngestReport
 from conveyor.source import V21Source
 from conveyor.store import Store, is_store
 
@@ -32,18 +32,16 @@ def nothing_new(source: str | Path, store: str | Path) -> IngestReport | None:
     if not info or int(info["fps"]) != src.fps or _comparable(info["features"]) != _comparable(src.features):
         return None
     key = str(src.root)
-    mine = {r["source_episode_index"]: r for r in s.ledger() if r["source"] == key}
+    mine = {r.source_episode_index: r for r in s.ledger() if r.source == key}
     records = src.episode_records()
     if set(records) - set(mine):
         return None
     for ep, r in mine.items():
-        files = src.episode_files(ep)
         try:
-            stats = [p.stat() for p in files]
+            if src.fingerprint(ep) != r.files:
+                return None  # maybe changed: the full ingest compares content hashes and reports it
         except FileNotFoundError:  # the full ingest skips such an episode too
             continue
-        if {p.name: [st.st_size, st.st_mtime_ns] for p, st in zip(files, stats)} != r["files"]:
-            return None  # maybe changed: the full ingest compares content hashes and reports it
     report = IngestReport(source=key, store=str(root), version=s.version, already=len(mine),
                           incomplete=src.unrecorded(records))
     report.seconds = time.monotonic() - t0
