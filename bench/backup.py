@@ -14,7 +14,6 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import boto3
+from s3_server import bench_env, start_moto  # bench/ is on sys.path as the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -44,14 +44,6 @@ else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             c.download_file(bucket, o["Key"], str(dst))
 '''
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def make_store_like(root: Path) -> Path:
@@ -88,21 +80,9 @@ def same_tree(a: Path, b: Path) -> bool:
 
 
 def run(tmp: Path, repeats: int = 3) -> list[dict]:
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret",
-               AWS_DEFAULT_REGION="us-east-1", RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(tmp / "restic-cache"),
-               PYTHONPATH=str(ROOT), NO_PROXY="127.0.0.1")
-    moto = subprocess.Popen([str(Path(PY).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    moto, endpoint = start_moto()
+    env = bench_env(tmp)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
         s3 = boto3.client("s3", endpoint_url=endpoint)
         print("generating data ...", flush=True)
         datasets = {"a: store, 7 large files": make_store_like(tmp / "store"),

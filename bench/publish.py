@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,15 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PY = sys.executable
 
+from s3_server import bench_env, start_moto  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
 EPISODE = {"data": 0.006, "video": 0.0045, "meta": 0.0004}   # one episode's share of the store, per file kind
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def make_store(root: Path, mb: float) -> Path:
@@ -116,21 +109,9 @@ def run(tmp: Path, mb: float, repeats: int) -> dict:
     from conveyor.repo import open_repo
     from conveyor.settings import S3Settings
 
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret",
-               AWS_DEFAULT_REGION="us-east-1", RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(tmp / "restic-cache"),
-               PYTHONPATH=str(ROOT), NO_PROXY="127.0.0.1", BENCH_ENDPOINT=endpoint)
-    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
-    moto = subprocess.Popen([str(Path(PY).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    moto, endpoint = start_moto()
+    env = bench_env(tmp, BENCH_ENDPOINT=endpoint)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         import boto3
         s3 = boto3.client("s3", endpoint_url=endpoint)
         s3cfg = S3Settings(endpoint_url=endpoint)
