@@ -1,11 +1,11 @@
 """Hostile conditions, each on real files and real services: a full disk (a small tmpfs mounted by the
-test) during ingest, compaction, repair and restore; a read-only store; an unreadable source file; paths
-with spaces and non-ASCII characters; an S3 endpoint answering 503 SlowDown in the middle of a backup.
+test) during ingest, compaction, repair, restore and materializing a dataset version for training; a
+read-only store; an unreadable source file; paths with spaces and non-ASCII characters; an S3 endpoint
+answering 503 SlowDown in the middle of a backup.
 
 Every command must fail with one line naming the problem, leave the previous state intact, and succeed
 once the condition is gone. The tests run as root: mounts are real; permission checks use `setpriv` to
-drop the capabilities that let root ignore permission bits. (Materializing a dataset version on a full
-disk belongs to the `versions` work and is tested there.)
+drop the capabilities that let root ignore permission bits.
 """
 from __future__ import annotations
 
@@ -22,7 +22,11 @@ import pytest
 
 from backup_helpers import moto_port, new_bucket, tree
 from conveyor import backup as B
-from conveyor.settings import S3Settings
+from conveyor.datasets.format import read_version
+from conveyor.datasets.publish import publish
+from conveyor.datasets.resolve import resolve_dataset
+from conveyor.errors import ConveyorError
+from conveyor.settings import S3Settings, Settings
 from conveyor.repo import open_repo
 from conveyor.store import Store
 from conveyor.scrub import scrub
@@ -186,6 +190,43 @@ def test_disk_full_during_restore(tmp_path):
         p = conveyor("restore", f"{url}@lab", str(dst), "--force")
         assert p.returncode == 0, p.stderr
         assert scrub(dst).ok and Store.open(dst).version == Store.open(store).version
+
+
+def test_disk_full_while_materializing_a_version_for_training(tmp_path):
+    """A GPU worker without the store fetches the pinned version into its cache (what `conveyor train` does
+    before lerobot-train starts); its cache disk fills mid-fetch."""
+    rec = tmp_path / "rec"
+    record(rec, range(3), length=40)
+    store = tmp_path / "stores" / "lab"
+    assert conveyor("ingest", str(rec), str(store)).returncode == 0
+    url = f"file://{tmp_path / 'objects'}"
+    repo = open_repo(url)
+    pv = read_version(repo, publish(store, repo).key)
+    repo_before = tree(tmp_path / "objects")
+    with tmpfs(tmp_path / "disk", 16) as disk:
+        cache = disk / "cache"
+        worker = Settings(store_root=tmp_path / "gpu" / "stores", work_dir=tmp_path / "gpu" / "work",
+                          cache_dir=cache, storage_url=url)
+
+        def resolve():
+            return resolve_dataset("lab", None, worker, run="r1", run_dir=tmp_path / "gpu" / "run",
+                                   archive_url=None, log=lambda m: None)
+
+        fill(disk, leave=16 * 1024)
+        assert pv.total_bytes > 64 * 1024, "the version cannot fit in what is left"
+        with pytest.raises(ConveyorError) as e:
+            resolve()
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{cache}: ") and "No space left on device" in msg, msg
+        assert not list(cache.rglob("info.json")), "no version folder lerobot could open"
+        assert not (cache / "lab").exists() or not any((cache / "lab").iterdir()), "no folder, manifest or lease"
+        assert not any((cache / ".tmp").iterdir()), "the half-built folder was removed"
+        assert tree(tmp_path / "objects") == repo_before, "the repository is untouched"
+        grow(disk, 64)
+        got = resolve()
+        assert got.materialized.fetched_files == len(pv.files) and got.materialized.linked_store == 0
+        assert got.root.is_relative_to(cache) and tree(got.root) == {f.path: f.sha256 for f in pv.files}
+    assert tree(tmp_path / "objects") == repo_before
 
 
 # -- permissions and read-only stores ------------------------------------------------------------------

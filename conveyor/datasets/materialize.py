@@ -179,6 +179,13 @@ def materialize(pv: PublishedVersion, cache_dir: Path, *, repo: Repo | None = No
                 raise
             report.reused = True  # another process finished the same version first
         os.chmod(final, 0o555)
+    except OSError as e:  # a full disk, mostly: one sentence naming the cache; nothing of this build is kept
+        if not final.is_dir():
+            C.manifest_path(final).unlink(missing_ok=True)
+        where = f" ({e.filename})" if e.filename else ""
+        raise ConveyorError(cache_dir, f"cannot materialize {pv.store} version {pv.version.short} in the dataset "
+                                       f"cache: {e.strerror or e}{where}; nothing was kept; free space there or set "
+                                       "cache_dir to a larger disk") from None
     finally:
         C.remove_tree(build)
     C.touch(final)
