@@ -48,11 +48,10 @@ def make_store(root: Path, mb: float) -> Path:
              "videos/observation.images.laptop/chunk-000/file-000.mp4": total * 46 // 100,
              "videos/observation.images.phone/chunk-000/file-000.mp4": total * 45 // 100}
     store = Store.open(root, create=True)
-    with store.lock():
-        c = store.begin("bench")
+    with store.lock(), store.transaction("bench") as c:
         for rel, size in files.items():
             c.write(rel, os.urandom(size))
-        store.commit(c, (100, 100 * 300))
+        c.set_totals(100, 100 * 300)
     return root
 
 
@@ -67,11 +66,10 @@ def add_episode(root: Path, mb: float) -> int:
              "videos/observation.images.laptop/chunk-000/file-001.mp4": int(total * EPISODE["video"]),
              "videos/observation.images.phone/chunk-000/file-001.mp4": int(total * EPISODE["video"])}
     store = Store.open(root)
-    with store.lock():
-        c = store.begin("bench")
+    with store.lock(), store.transaction("bench") as c:
         for rel, size in files.items():
             c.write(rel, os.urandom(size))
-        store.commit(c, (101, 101 * 300))
+        c.set_totals(101, 101 * 300)
     return sum(files.values())
 
 

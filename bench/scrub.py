@@ -45,8 +45,7 @@ def make_store(root: Path, total_mb: float, big_mb: float) -> Path:
         rest -= n
         i += 1
     sizes["data/chunk-000/file-000.parquet"] = MB // 2
-    with s.lock():
-        c = s.begin("bench")
+    with s.lock(), s.transaction("bench") as c:
         for rel, n in sizes.items():
             with open(c.path(rel), "wb") as f:
                 left = n
@@ -55,7 +54,7 @@ def make_store(root: Path, total_mb: float, big_mb: float) -> Path:
                     f.write(os.urandom(k))
                     left -= k
             c.staged(rel)
-        s.commit(c, (0, 0))
+        c.set_totals(0, 0)
     return root
 
 
