@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from conveyor.errors import ConveyorError
 from conveyor.training.request import TrainRequest, default_run_name
 from tasks.datasets import release_pin_task
+from tasks.retry import is_transient
 from tasks.train import evaluate_task, preflight_task, run_task
 
 
@@ -29,8 +30,9 @@ def train(request: TrainRequest, config: str | None = None) -> dict[str, Any]:
     run_name = request.run_name or default_run_name(request, (flow_run.get_id() or "local")[:8])
     try:
         plan = preflight_task(request, run_name, config)
-    except ConveyorError:
-        _refusal_is_final()
+    except ConveyorError as e:
+        if not is_transient(e):  # unreachable storage or a busy lock may pass on retry; a refusal will not
+            _refusal_is_final()
         raise
     result = run_task(plan, config)
     release_pin_task(plan.run_name, plan.output_dir, plan.archive_url, config)
