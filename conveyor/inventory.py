@@ -13,9 +13,9 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from conveyor.episodes import load_episodes
 from conveyor.reports import IngestReport
 from conveyor.store import DOT, Store, is_store
 
@@ -139,7 +139,7 @@ def describe(path: Path, name: str | None = None) -> StoreDetail:
                 key=key, height=vi.get("video.height", shape[0]), width=vi.get("video.width", shape[1]),
                 codec=vi.get("video.codec", "png" if ft["dtype"] == "image" else None),
                 pix_fmt=vi.get("video.pix_fmt"), fps=vi.get("video.fps", info.get("fps"))))
-    rows = _episode_rows(s.root)
+    rows = load_episodes(s.root, columns=["episode_index", "tasks", "length"])
     counts: dict[str, int] = {}
     for r in rows:
         for t in r["tasks"] or []:
@@ -152,13 +152,6 @@ def describe(path: Path, name: str | None = None) -> StoreDetail:
     detail.versions = _versions(s)
     detail.quarantined = read_quarantine(s.root)
     return detail
-
-
-def _episode_rows(root: Path) -> list[dict]:
-    rows: list[dict] = []
-    for f in sorted((root / "meta" / "episodes").glob("*/*.parquet")):
-        rows += pq.ParquetFile(f).read(columns=["episode_index", "tasks", "length"]).to_pylist()
-    return sorted(rows, key=lambda r: r["episode_index"])
 
 
 def _commit_records(s: Store) -> list[dict]:

@@ -12,12 +12,8 @@ import time
 from pathlib import Path
 
 from conveyor.reports import IngestReport
-from conveyor.source import V21Source
+from conveyor.source import V21Source, comparable_features
 from conveyor.store import Store, is_store
-
-
-def _comparable(features: dict) -> dict:
-    return {k: (f["dtype"], list(f["shape"]), f.get("names")) for k, f in features.items()}
 
 
 def nothing_new(source: str | Path, store: str | Path) -> IngestReport | None:
@@ -29,7 +25,7 @@ def nothing_new(source: str | Path, store: str | Path) -> IngestReport | None:
         return None
     s = Store.open(root)
     info = s.info
-    if not info or int(info["fps"]) != src.fps or _comparable(info["features"]) != _comparable(src.features):
+    if not info or int(info["fps"]) != src.fps or comparable_features(info["features"]) != comparable_features(src.features):
         return None
     key = str(src.root)
     mine = {r.source_episode_index: r for r in s.ledger() if r.source == key}

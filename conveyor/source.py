@@ -160,7 +160,7 @@ class V21Source:
         if int(info["fps"]) != self.fps:
             raise ConveyorError(self.root / "meta/info.json",
                                 f"fps mismatch: source has {self.fps}, store {store_root} has {info['fps']}")
-        a, b = _comparable(self.store_features()), _comparable(info["features"])
+        a, b = comparable_features(self.store_features()), comparable_features(info["features"])
         if a != b:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise ConveyorError(self.root / "meta/info.json",
@@ -248,7 +248,8 @@ class V21Source:
         return sorted(out)
 
 
-def _comparable(features: dict) -> dict:
+def comparable_features(features: dict) -> dict:
+    """What must agree between a source's and a store's features: dtype, shape, names."""
     return {k: (f["dtype"], list(f["shape"]), f.get("names")) for k, f in features.items()}
 
 
