@@ -405,8 +405,17 @@ def test_conveyor_up_runs_the_service_and_stops_cleanly(tmp_path):
         wait_for(lambda: store_sources(store) == [0, 1], 60, "episode 1 in the store")
         [watch_run] = flow_runs(api_url, "watch")
         assert watch_run["state"]["type"] == "RUNNING" and watch_run["deployment_id"]
-        wait_for(lambda: all(r["state"]["type"] == "COMPLETED" for r in flow_runs(api_url, "ingest", source=name)),
-                 60, "the ingest runs (validation after the commit) to complete")
+        seen: list = []
+
+        def ingests_completed() -> bool:
+            seen[:] = [(r["name"], r["state"]["type"], r["state"].get("message"))
+                       for r in flow_runs(api_url, "ingest", source=name)]
+            return bool(seen) and all(s == "COMPLETED" for _, s, _ in seen)
+
+        try:
+            wait_for(ingests_completed, 120, "the ingest runs (validation after the commit) to complete")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {seen}\n{''.join(lines)}") from None
         ingest_runs = flow_runs(api_url, "ingest", source=name)
         assert ingest_runs and all(r["parent_task_run_id"] for r in ingest_runs)
         status, pools = api(api_url, "POST", "/work_pools/filter", {})
