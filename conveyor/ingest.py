@@ -15,7 +15,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,15 +24,15 @@ import pyarrow.parquet as pq
 
 from conveyor import layout, sizing, stats as st
 from conveyor.episodes import write_episodes
-from conveyor.inventory import record_quarantine
 from conveyor.errors import ConveyorError
 from conveyor.ledger import LedgerRecord
-from conveyor.prepare import LOAD_THREADS, Prepared, load_ahead, prepare_episode
+from conveyor.quarantine import record_quarantine
+from conveyor.prepare import Prepared, load_ahead, prepare_episode
 from conveyor.reports import EpisodeMapping, IngestReport, Quarantined
 from conveyor.source import SourceEpisode, V21Source
 from conveyor.store import Commit, Store, is_store
 from conveyor.tables import data_schema, read_tasks, stats_columns, tasks_table
-from conveyor.video import concat
+from conveyor.video import StreamCopy
 
 Progress = Callable[[int, int, str], None]
 
@@ -55,7 +55,8 @@ def ingest(source: str | Path, store: str | Path, *, task: str | None = None, da
         s = Store.open(store_root, create=True)
         with s.lock(timeout=lock_timeout):
             report = _ingest_locked(src, s, task, data_mb, video_mb, progress, max_episodes)
-            record_quarantine(s, report)
+            record_quarantine(s.root, report.source, [(q.source_episode_index, q.reason)
+                                                      for q in report.quarantined])
     except BaseException:
         if created and not Store(store_root).version.commit:
             shutil.rmtree(store_root, ignore_errors=True)  # leave nothing behind for a failed first ingest
@@ -96,12 +97,12 @@ def _ingest_locked(src: V21Source, s: Store, task, data_mb, video_mb, progress, 
     plan = plan_from_ledger(src, s, task, data_mb, video_mb, max_episodes)
     if not plan.ready:
         return plan.report
-    with s.transaction("append") as tx:
-        batch = write_data(tx, s, plan, progress)
+    with s.transaction("append") as tx, VideoWriter(tx, s, plan) as video:
+        batch = write_data(tx, s, plan, progress, video)
         if not batch.episodes:
             tx.cancel()
             return plan.report
-        videos = write_videos(tx, s, plan, batch, progress)
+        videos = write_videos(plan, video, progress)
         rows = write_episode_metadata(tx, s, plan, batch, videos)
         write_info_stats_tasks_ledger(tx, s, plan, batch, rows)
     return added_report(plan, batch, rows, tx.version)
@@ -162,8 +163,9 @@ def plan_from_ledger(src: V21Source, s: Store, task, data_mb, video_mb, max_epis
     return Plan(src, info, task, ready[:max_episodes] if max_episodes is not None else ready, report)
 
 
-def write_data(tx: Commit, s: Store, plan: Plan, progress: Progress | None) -> Batch:
-    """Load, renumber and write each episode's rows (bad ones are quarantined, the rest still land)."""
+def write_data(tx: Commit, s: Store, plan: Plan, progress: Progress | None, video: VideoWriter) -> Batch:
+    """Load, renumber and write each episode's rows (bad ones are quarantined, the rest still land); each
+    landed episode's videos are handed to `video`, which copies them while the next episodes load."""
     src, info, ready = plan.src, plan.info, plan.ready
     tasks = read_tasks(s.root / layout.TASKS)
     batch = Batch(int(info["total_episodes"]), int(info["total_frames"]), tasks)
@@ -184,20 +186,18 @@ def write_data(tx: Commit, s: Store, plan: Plan, progress: Progress | None) -> B
         batch.data_files.append(data.write(p.table))
         p.table = None
         batch.episodes.append(p)
+        video.add(p)
         frame += p.length
     data.close()
     return batch
 
 
-def write_videos(tx: Commit, s: Store, plan: Plan, batch: Batch, progress: Progress | None
+def write_videos(plan: Plan, video: VideoWriter, progress: Progress | None
                  ) -> dict[str, list[tuple[int, float, float]]]:
-    """Per camera: (file number, from, to) of each episode, stream-copied into new files."""
+    """Per camera: (file number, from, to) of each episode, once the last copies are done."""
     if progress:
         progress(len(plan.ready), len(plan.ready), "writing videos")
-    limit = sizing.limit_bytes(plan.info["video_files_size_in_mb"])
-    with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:  # cameras are independent files
-        futures = {k: pool.submit(_write_camera, tx, s, batch.episodes, k, limit) for k in plan.video_keys}
-        return {k: f.result() for k, f in futures.items()}
+    return video.finish()
 
 
 def write_episode_metadata(tx: Commit, s: Store, plan: Plan, batch: Batch,
@@ -279,18 +279,59 @@ class DataWriter:
             self.writer = None
 
 
-def _write_camera(commit: Commit, store: Store, batch: list[Prepared], key: str, limit: int
-                  ) -> list[tuple[int, float, float]]:
-    """Stream-copy each episode's mp4 into new files; (file, from, to) per episode."""
-    linear = store.next_linear(f"videos/{key}")
-    out = []
-    for g in sizing.group(batch, lambda p: sizing.mp4_bytes(p.src.videos[key]), limit):
-        rel = layout.video_path(key, linear)
-        spans = concat([p.src.videos[key] for p in g], commit.path(rel), [p.video_starts[key] for p in g])
-        commit.staged(rel)
-        out += [(linear, a, b) for a, b in spans]
-        linear += 1
-    return out
+class VideoWriter:
+    """Stream-copies each camera's episodes into new files, fed episode by episode, so the copies overlap with
+    loading the next episodes instead of following them all. One thread per camera: cameras are independent
+    files, and one camera's copies stay in order. A file is full by the one size policy (`sizing`); the next
+    episode starts a new file."""
+
+    def __init__(self, commit: Commit, store: Store, plan: Plan):
+        self.commit, self.keys = commit, plan.video_keys
+        self.limit = sizing.limit_bytes(plan.info["video_files_size_in_mb"])
+        self.linear = {k: store.next_linear(f"videos/{k}") for k in self.keys}
+        self.size = dict.fromkeys(self.keys, 0)
+        self.open: dict[str, tuple[str, StreamCopy] | None] = dict.fromkeys(self.keys)
+        self.spans: dict[str, list[tuple[int, float, float]]] = {k: [] for k in self.keys}
+        self.threads = {k: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"copy-{k}") for k in self.keys}
+        self.jobs: list[Future] = []
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for t in self.threads.values():
+            t.shutdown(wait=True, cancel_futures=True)
+        for k, o in self.open.items():  # a failed batch: drop partial outputs (the transaction drops the rest)
+            if o is not None:
+                o[1].abort()
+                self.open[k] = None
+
+    def add(self, p: Prepared) -> None:
+        self.jobs += [self.threads[k].submit(self._add, k, p) for k in self.keys]
+
+    def _add(self, key: str, p: Prepared) -> None:
+        if self.open[key] is None:
+            rel = layout.video_path(key, self.linear[key])
+            self.open[key], self.size[key] = (rel, StreamCopy(self.commit.path(rel))), 0
+        self.open[key][1].add(p.src.videos[key], p.video_starts[key])
+        self.size[key] += sizing.mp4_bytes(p.src.videos[key])
+        if sizing.is_full(self.size[key], self.limit):
+            self._close(key)
+
+    def _close(self, key: str) -> None:
+        rel, copy = self.open[key]
+        self.open[key] = None
+        self.spans[key] += [(self.linear[key], a, b) for a, b in copy.close()]
+        self.commit.staged(rel)
+        self.linear[key] += 1
+
+    def finish(self) -> dict[str, list[tuple[int, float, float]]]:
+        """Wait for the copies, close the last file of each camera; (file, from, to) per camera and episode."""
+        for f in self.jobs:
+            f.result()
+        for f in [self.threads[k].submit(self._close, k) for k in self.keys if self.open[k] is not None]:
+            f.result()
+        return self.spans
 
 
 def write_meta(commit: Commit, info: dict, tasks: list[str], stats: dict) -> None:

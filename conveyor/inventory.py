@@ -2,24 +2,21 @@
 
 Read-only and cheap (metadata, manifest, commit records; no video decoding), so `conveyor stores`, `conveyor
 show` and the per-store Prefect artifact can run after every commit. Quarantine is not part of a commit, so
-ingest records the latest one per source in `.conveyor/quarantine.json` (`record_quarantine`).
+ingest records the latest one per source (`conveyor/quarantine.py`).
 """
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import uuid
 from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from conveyor.episodes import load_episodes
-from conveyor.reports import IngestReport
-from conveyor.store import DOT, Store, is_store
+from conveyor.quarantine import read_quarantine_entries
+from conveyor.store import Store, is_store
 
-QUARANTINE = f"{DOT}/quarantine.json"
 
 
 class StoreSummary(BaseModel):
@@ -192,36 +189,4 @@ def _versions(s: Store) -> list[VersionEntry]:
 # -- quarantine ----------------------------------------------------------------------------------------
 
 def read_quarantine(store_root: Path) -> list[QuarantineEntry]:
-    p = Path(store_root) / QUARANTINE
-    if not p.is_file():
-        return []
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    return [QuarantineEntry(**q) for entries in data.values() for q in entries]
-
-
-def record_quarantine(store: Store, report: IngestReport) -> None:
-    """Replace this source's quarantined episodes with the latest ingest's (the caller holds the lock).
-
-    Per source and current: an episode fixed and ingested later drops out at that ingest.
-    """
-    p = store.root / QUARANTINE
-    try:
-        data = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
-    except (OSError, ValueError):
-        data = {}
-    now = datetime.now().astimezone().isoformat(timespec="seconds")
-    entries = [{"source": q.source, "source_episode_index": q.source_episode_index, "reason": q.reason,
-                "time": now} for q in report.quarantined]
-    if entries:
-        data[report.source] = entries
-    elif report.source in data:
-        del data[report.source]
-    else:
-        return
-    tmp = p.with_name(f".quarantine.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, p)
-
+    return [QuarantineEntry(**q) for q in read_quarantine_entries(store_root)]

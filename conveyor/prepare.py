@@ -114,6 +114,9 @@ def prepare_episode(src: V21Source, ep: SourceEpisode, loaded: Loaded, episode_i
             cols[f.name] = pa.array(new_task_idx)
         else:
             col = table.column(f.name)
+            if col.type == f.type:  # the usual case; cast() would import pyarrow.compute (~50 ms)
+                cols[f.name] = col
+                continue
             try:
                 cols[f.name] = col.cast(f.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:

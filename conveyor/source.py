@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,9 +143,11 @@ class V21Source:
 
     def changed_since(self, ep: int, fingerprint: dict, content_hash: str) -> bool:
         """True when the episode's files all exist and their content differs from the recorded identity."""
-        if not all(p.exists() for p in self.episode_files(ep)):
+        try:
+            now = self.fingerprint(ep)  # one stat per file: an append checks every ingested episode
+        except FileNotFoundError:
             return False
-        return self.fingerprint(ep) != fingerprint and self.content_hash(ep) != content_hash
+        return now != fingerprint and self.content_hash(ep) != content_hash
 
     # -- features: what a v3.0 store of this source holds ---------------------------------------------
 
@@ -236,12 +239,18 @@ class V21Source:
     def unrecorded(self, records: dict[int, dict] | set[int]) -> list[int]:
         """Episodes with a data file but no jsonl line yet: still being recorded."""
         out = []
-        data_dir = self.root / "data"
-        if data_dir.is_dir():
-            for p in data_dir.glob("*/episode_*.parquet"):
+        try:  # os.scandir, not Path.glob: this runs on every append and costs O(episodes) either way
+            chunks = [e.path for e in os.scandir(self.root / "data") if e.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for chunk in chunks:
+            for e in os.scandir(chunk):
+                name = e.name
+                if not (name.startswith("episode_") and name.endswith(".parquet")):
+                    continue
                 try:
-                    ep = int(p.stem.split("_")[1])
-                except (IndexError, ValueError):
+                    ep = int(name[len("episode_"):-len(".parquet")])
+                except ValueError:
                     continue
                 if ep not in records:
                     out.append(ep)

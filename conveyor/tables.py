@@ -40,6 +40,11 @@ def data_schema(features: dict) -> pa.Schema:
 def column_array(table: pa.Table, key: str) -> np.ndarray:
     """(n,) or (n, d) numpy view of a scalar or vector column."""
     col = table.column(key).combine_chunks()
+    if pa.types.is_fixed_size_list(col.type) and not col.null_count:
+        # the child values sliced by hand: FixedSizeListArray.flatten() imports pyarrow.compute (~50 ms)
+        size = col.type.list_size
+        flat = col.values.slice(col.offset * size, len(col) * size).to_numpy(zero_copy_only=False)
+        return flat.reshape(len(col), -1)
     if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):
         flat = col.flatten().to_numpy(zero_copy_only=False)
         return flat.reshape(len(col), -1)

@@ -122,67 +122,101 @@ def pick_keyframes(seg_pts: tuple[int, ...] | list[int], keyframes: frozenset[in
     return out
 
 
-def concat(inputs: list[Path], out: Path, starts: list[tuple[int, int]] | None = None
-           ) -> list[tuple[float, float]]:
-    """Stream-copy `inputs` back to back into `out`; return each input's (from, to) seconds in `out`.
-
-    `starts` gives each input's (first pts, first dts) when the caller has probed it already.
+class StreamCopy:
+    """Stream-copies inputs back to back into one mp4 as they arrive (`add`), so a caller can copy an episode
+    while it loads the next; `close` returns each input's (from, to) seconds in the output.
 
     Each input is shifted so its first presented frame lands right after the previous input's last
-    frame. The returned spans are read back from `out`'s own packets, so they are exactly what a
-    decoder of `out` will report.
+    frame. The spans are read back from the output's own packets, so they are exactly what a decoder of
+    it will report. Written to `<out>.part`, renamed to `out` by `close`.
     """
-    lengths: list[int] = []
-    tmp = out.with_name(out.name + ".part")
-    try:
-        with av.open(str(tmp), "w", format="mp4") as oc:
-            ostream = None
-            cursor = 0  # next free presentation tick in the first input's time base
-            last_dts = -1
-            base_tb: Fraction | None = None
-            for i, path in enumerate(inputs):
-                with _open(path) as ic:
-                    s = ic.streams.video[0]
-                    if ostream is None:
-                        ostream = oc.add_stream_from_template(s, opaque=True)
-                        base_tb = Fraction(s.time_base.numerator, s.time_base.denominator)
-                    tb = Fraction(s.time_base.numerator, s.time_base.denominator)
-                    if tb != base_tb:
-                        raise ConveyorError(path, f"time base {tb} differs from {base_tb} of {inputs[0]}")
-                    # where the input starts (first pts, first dts): from the caller's probe, else a
-                    # demux pass; packets are then streamed (holding them costs ~70 MB per 90 MB file)
-                    if starts is not None:
-                        p0, d0 = starts[i]
-                    else:
-                        pr = probe(path)
-                        p0, d0 = pr.pts[0], pr.first_dts
-                    # B-frames decode before they show (dts < pts): start late enough that DTS stays
-                    # non-negative and strictly increasing across the join (lerobot's concat fails here)
-                    cursor = max(cursor, last_dts + 1 + p0 - d0)
-                    rate = s.average_rate or s.guessed_rate
-                    ticks = int(round(1 / (Fraction(rate.numerator, rate.denominator) * tb))) if rate else 1
-                    shift = cursor - p0
-                    last = cursor
-                    count = 0
-                    for pk in ic.demux(s):
-                        if not pk.size or pk.pts is None:
-                            continue
-                        count += 1
-                        pk.pts += shift
-                        pk.dts = (pk.dts if pk.dts is not None else pk.pts - shift) + shift
-                        last = max(last, pk.pts)
-                        last_dts = max(last_dts, pk.dts)
-                        pk.stream = ostream
-                        oc.mux(pk)
-                    lengths.append(count)
-                    cursor = last + ticks
-        spans = segment_spans(tmp, lengths)
-        os.replace(tmp, out)
-        return spans
-    except av.error.FFmpegError as e:
-        raise ConveyorError(out, f"stream copy failed: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.tmp = self.out.with_name(self.out.name + ".part")
+        self.oc = None
+        self.ostream = None
+        self.base_tb: Fraction | None = None
+        self.first: Path | None = None
+        self.cursor = 0  # next free presentation tick in the first input's time base
+        self.last_dts = -1
+        self.lengths: list[int] = []
+
+    def add(self, path: Path, start: tuple[int, int] | None = None) -> None:
+        """Append one input; `start` is its (first pts, first dts) when the caller has probed it already."""
+        try:
+            with _open(path) as ic:
+                s = ic.streams.video[0]
+                if self.oc is None:
+                    self.oc = av.open(str(self.tmp), "w", format="mp4")
+                    self.ostream = self.oc.add_stream_from_template(s, opaque=True)
+                    self.base_tb, self.first = Fraction(s.time_base.numerator, s.time_base.denominator), path
+                tb = Fraction(s.time_base.numerator, s.time_base.denominator)
+                if tb != self.base_tb:
+                    raise ConveyorError(path, f"time base {tb} differs from {self.base_tb} of {self.first}")
+                # where the input starts: from the caller's probe, else a demux pass; packets are then
+                # streamed (holding them costs ~70 MB per 90 MB file)
+                if start is not None:
+                    p0, d0 = start
+                else:
+                    pr = probe(path)
+                    p0, d0 = pr.pts[0], pr.first_dts
+                # B-frames decode before they show (dts < pts): start late enough that DTS stays
+                # non-negative and strictly increasing across the join (lerobot's concat fails here)
+                cursor = max(self.cursor, self.last_dts + 1 + p0 - d0)
+                rate = s.average_rate or s.guessed_rate
+                ticks = int(round(1 / (Fraction(rate.numerator, rate.denominator) * tb))) if rate else 1
+                shift = cursor - p0
+                last, last_dts, count, ostream, mux = cursor, self.last_dts, 0, self.ostream, self.oc.mux
+                for pk in ic.demux(s):
+                    if not pk.size or pk.pts is None:
+                        continue
+                    count += 1
+                    pk.pts += shift
+                    pk.dts = (pk.dts if pk.dts is not None else pk.pts - shift) + shift
+                    last = max(last, pk.pts)
+                    last_dts = max(last_dts, pk.dts)
+                    pk.stream = ostream
+                    mux(pk)
+                self.lengths.append(count)
+                self.cursor, self.last_dts = last + ticks, last_dts
+        except av.error.FFmpegError as e:
+            self.abort()
+            raise ConveyorError(self.out, f"stream copy failed: {e}") from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def close(self) -> list[tuple[float, float]]:
+        """Finish the file, rename it into place and return each input's (from, to) seconds in it."""
+        try:
+            if self.oc is not None:
+                self.oc.close()
+                self.oc = None
+            spans = segment_spans(self.tmp, self.lengths)
+            os.replace(self.tmp, self.out)
+            return spans
+        except av.error.FFmpegError as e:
+            raise ConveyorError(self.out, f"stream copy failed: {e}") from None
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the partial output (idempotent; a closed or renamed output is left alone)."""
+        if self.oc is not None:
+            with contextlib.suppress(Exception):
+                self.oc.close()
+            self.oc = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def concat(inputs: list[Path], out: Path, starts: list[tuple[int, int]] | None = None
+           ) -> list[tuple[float, float]]:
+    """Stream-copy `inputs` back to back into `out`; return each input's (from, to) seconds in `out`."""
+    copy = StreamCopy(out)
+    for i, path in enumerate(inputs):
+        copy.add(path, starts[i] if starts is not None else None)
+    return copy.close()
 
 
 def segment_spans(path: Path, lengths: list[int]) -> list[tuple[float, float]]:
