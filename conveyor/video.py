@@ -122,6 +122,9 @@ def pick_keyframes(seg_pts: tuple[int, ...] | list[int], keyframes: frozenset[in
     return out
 
 
+_HEAD = 64  # written timestamps compared with the closed file's (at the start, where the edit list acts)
+
+
 class StreamCopy:
     """Stream-copies inputs back to back into one mp4 as they arrive (`add`), so a caller can copy an episode
     while it loads the next; `close` returns each input's (from, to) seconds in the output.
@@ -141,6 +144,9 @@ class StreamCopy:
         self.cursor = 0  # next free presentation tick in the first input's time base
         self.last_dts = -1
         self.lengths: list[int] = []
+        self.starts: list[int] = []  # each input's first presented pts, as written (input time base)
+        self.head: list[int] = []  # the first _HEAD written pts, in decode order
+        self.max_pts = 0
 
     def add(self, path: Path, start: tuple[int, int] | None = None) -> None:
         """Append one input; `start` is its (first pts, first dts) when the caller has probed it already."""
@@ -168,6 +174,7 @@ class StreamCopy:
                 ticks = int(round(1 / (Fraction(rate.numerator, rate.denominator) * tb))) if rate else 1
                 shift = cursor - p0
                 last, last_dts, count, ostream, mux = cursor, self.last_dts, 0, self.ostream, self.oc.mux
+                head = self.head
                 for pk in ic.demux(s):
                     if not pk.size or pk.pts is None:
                         continue
@@ -176,10 +183,13 @@ class StreamCopy:
                     pk.dts = (pk.dts if pk.dts is not None else pk.pts - shift) + shift
                     last = max(last, pk.pts)
                     last_dts = max(last_dts, pk.dts)
+                    if len(head) < _HEAD:
+                        head.append(pk.pts)
                     pk.stream = ostream
                     mux(pk)
                 self.lengths.append(count)
-                self.cursor, self.last_dts = last + ticks, last_dts
+                self.starts.append(cursor)
+                self.cursor, self.last_dts, self.max_pts = last + ticks, last_dts, last
         except av.error.FFmpegError as e:
             self.abort()
             raise ConveyorError(self.out, f"stream copy failed: {e}") from None
@@ -193,13 +203,47 @@ class StreamCopy:
             if self.oc is not None:
                 self.oc.close()
                 self.oc = None
-            spans = segment_spans(self.tmp, self.lengths)
+            spans = self._spans_from_written() or segment_spans(self.tmp, self.lengths)
             os.replace(self.tmp, self.out)
             return spans
         except av.error.FFmpegError as e:
             raise ConveyorError(self.out, f"stream copy failed: {e}") from None
         finally:
             self.abort()
+
+    def _spans_from_written(self) -> list[tuple[float, float]] | None:
+        """The spans from the timestamps this copy wrote, once the closed file shows it holds them: same time
+        base, every frame (the sample count of its index), and its first packets carrying exactly the
+        written timestamps moved by one constant (the edit list a B-frame stream gets). Reading back every
+        packet (`segment_spans`) costs a demux of the whole file, the biggest part of a convert's tail;
+        it remains the answer wherever this cannot show the same result (None)."""
+        if not self.lengths or not self.head:
+            return None
+        with _open(self.tmp) as c:
+            s = c.streams.video[0]
+            tb = Fraction(s.time_base.numerator, s.time_base.denominator)  # the muxer may pick its own
+            if s.frames != sum(self.lengths) or not s.average_rate:
+                return None
+            scale = self.base_tb / tb
+
+            def rescaled(pts: int) -> int:  # av_rescale_q's rounding: to nearest, halves away from zero
+                x = pts * scale
+                return int(x.numerator * 2 + x.denominator) // (2 * x.denominator) if x >= 0 else -rescaled(-pts)
+
+            read = []
+            for pk in c.demux(s):
+                if pk.size and pk.pts is not None:
+                    read.append(pk.pts)
+                    if len(read) == len(self.head):
+                        break
+        if len(read) != len(self.head):
+            return None
+        offset = read[0] - rescaled(self.head[0])
+        if any(r - rescaled(w) != offset for r, w in zip(read, self.head)):
+            return None
+        ticks = int(round(1 / (Fraction(s.average_rate.numerator, s.average_rate.denominator) * tb)))
+        bounds = [rescaled(p) + offset for p in self.starts] + [rescaled(self.max_pts) + offset + ticks]
+        return [(float(a * tb), float(b * tb)) for a, b in zip(bounds, bounds[1:])]
 
     def abort(self) -> None:
         """Drop the partial output (idempotent; a closed or renamed output is left alone)."""

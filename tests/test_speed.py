@@ -89,3 +89,32 @@ def test_keyframe_choice_is_the_same_from_a_set_or_the_sorted_tuple():
         a = rng.randrange(len(pts))
         seg = tuple(pts[a:rng.randint(a + 1, len(pts))])
         assert pick_keyframes(seg, keys, 3) == pick_keyframes(seg, tuple(sorted(keys)), 3)
+
+
+def test_stream_copy_spans_from_written_timestamps_equal_a_full_read_back(tmp_path):
+    """The spans a copy computes from what it wrote equal the ones read back from every packet of the file
+    (AV1, and H.264 with B-frames, whose mp4 gets an edit list), and a file that does not show the written
+    timestamps falls back to the read-back."""
+    from conveyor.video import StreamCopy, segment_spans
+
+    spec = RecordingSpec(fps=30, cameras=(CameraSpec("observation.images.av1", 48, 64),
+                                          CameraSpec("observation.images.h264", 48, 64, codec="h264")))
+    w = RecordingWriter(tmp_path / "rec", spec)
+    files = [w.write_episode(ep, n) for ep, n in enumerate((7, 1, 30, 3))]
+    for key in ("observation.images.av1", "observation.images.h264"):
+        copy = StreamCopy(tmp_path / f"{key}.mp4")
+        for f in files:
+            copy.add(f.videos[key])
+        copy.oc.close()
+        copy.oc = None
+        fast = copy._spans_from_written()
+        assert fast is not None and fast == segment_spans(copy.tmp, copy.lengths), key
+        if key.endswith("h264"):
+            assert fast[0][0] > 0, "B-frames: the first frame is presented after the first decoded one"
+        assert len(copy.head) == 41, "the first packets, across inputs, are compared"
+        copy.head[5] += 1  # what a muxer that moved a packet would show
+        assert copy._spans_from_written() is None
+        copy.head[5] -= 1
+        copy.lengths[-1] += 1  # a frame missing from the file
+        assert copy._spans_from_written() is None
+        copy.abort()
