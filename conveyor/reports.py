@@ -1,12 +1,17 @@
-"""Typed reports of ingest, compaction and validation: flows render them as artifacts, the CLI prints them."""
+"""Typed reports of ingest, compaction and validation: flows render them as artifacts, the CLI prints them.
+
+Stdlib dataclasses (outputs, built by conveyor itself, never parsed from user input): the store commands
+that return them stay free of pydantic's ~0.13 s import."""
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from conveyor.version import DatasetVersion
 
 
-class EpisodeMapping(BaseModel):
+@dataclass
+class EpisodeMapping:
     """Which source episode became which store episode."""
 
     source: str
@@ -15,11 +20,12 @@ class EpisodeMapping(BaseModel):
     length: int
     duration_s: float
     tasks: list[str]
-    videos: dict[str, str] = Field(default_factory=dict, description="camera -> store mp4 path")
+    videos: dict[str, str] = field(default_factory=dict)  # camera -> store mp4 path
     content_hash: str = ""
 
 
-class Quarantined(BaseModel):
+@dataclass
+class Quarantined:
     """A source episode that was not ingested, with the reason; the source is untouched."""
 
     source: str
@@ -27,43 +33,50 @@ class Quarantined(BaseModel):
     reason: str
 
 
-class IngestReport(BaseModel):
+@dataclass
+class IngestReport:
     source: str
     store: str
     version: DatasetVersion
-    added: list[EpisodeMapping] = Field(default_factory=list)
-    quarantined: list[Quarantined] = Field(default_factory=list)
-    incomplete: list[int] = Field(default_factory=list, description="source episodes still being recorded")
-    changed: list[Quarantined] = Field(default_factory=list, description="ingested episodes whose source changed since")
-    already: int = Field(0, description="source episodes already in the store")
+    added: list[EpisodeMapping] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)
+    incomplete: list[int] = field(default_factory=list)  # source episodes still being recorded
+    changed: list[Quarantined] = field(default_factory=list)  # ingested episodes whose source changed since
+    already: int = 0  # source episodes already in the store
     seconds: float = 0.0
 
     @property
     def new_episodes(self) -> int:
         return len(self.added)
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-class CompactReport(BaseModel):
+
+@dataclass
+class CompactReport:
     store: str
     version: DatasetVersion
     files_before: int
     files_after: int
-    rewritten: list[str] = Field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
-class Check(BaseModel):
+@dataclass
+class Check:
     name: str
     ok: bool
     detail: str = ""
 
 
-class ValidationReport(BaseModel):
+@dataclass
+class ValidationReport:
     store: str
     deep: bool = False
     version: DatasetVersion | None = None
-    episodes_checked: list[int] = Field(default_factory=list)
-    checks: list[Check] = Field(default_factory=list)
+    episodes_checked: list[int] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
     seconds: float = 0.0
 
     @property

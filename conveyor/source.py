@@ -130,8 +130,21 @@ class V21Source:
     # -- identity: what the ledger records, so a changed episode is noticed ---------------------------
 
     def fingerprint(self, ep: int) -> dict[str, list[int]]:
-        """File name -> [size, mtime_ns] of the episode's files: the cheap check."""
-        return {p.name: [info.st_size, info.st_mtime_ns] for p in self.episode_files(ep) for info in [p.stat()]}
+        """File name -> [size, mtime_ns] of the episode's files: the cheap check (an append runs it for every
+        ingested episode, so on plain strings: pathlib's objects cost more than the stat calls)."""
+        out = {}
+        for path in self.episode_paths(ep):
+            st = os.stat(path)
+            out[os.path.basename(path)] = [st.st_size, st.st_mtime_ns]
+        return out
+
+    def episode_paths(self, ep: int) -> list[str]:
+        """`episode_files` as strings."""
+        root, chunk = str(self.root), ep // self.chunks_size
+        data = os.path.join(root, self.info["data_path"].format(episode_chunk=chunk, episode_index=ep))
+        video = self.info.get("video_path") or ""
+        return [data] + [os.path.join(root, video.format(episode_chunk=chunk, video_key=k, episode_index=ep))
+                         for k in self.video_keys]
 
     def content_hash(self, ep: int) -> str:
         """sha256 over the sha256 of each of the episode's files: the exact check."""

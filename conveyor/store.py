@@ -186,7 +186,7 @@ class Store:
         p = self.dot / "HEAD"
         if not p.exists():
             return DatasetVersion(commit=0)
-        return DatasetVersion.model_validate_json(p.read_text())
+        return DatasetVersion.from_json(p.read_text())
 
     @property
     def info(self) -> dict:
@@ -292,7 +292,7 @@ class Store:
         record = {
             "commit": version.commit, "id": c.id, "kind": c.kind,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "version": version.model_dump(),
+            "version": version.to_dict(),
             "add": {k: [v.size, v.sha256] for k, v in c.add.items()},
             "remove": c.remove, "ledger": [replace(r, commit=version.commit).to_json() for r in c.ledger],
         }

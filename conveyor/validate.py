@@ -7,6 +7,7 @@ values for sampled items of every checked episode.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 import json
 import os
 import subprocess
@@ -380,7 +381,7 @@ def _deep_child(root: str, todo: str, out: str) -> None:
     report = ValidationReport(store=root, deep=True)
     chk = _Checker(s, None, report)
     _deep_in_process(s, chk, load_episodes(s.root), json.loads(todo))
-    Path(out).write_text(json.dumps([c.model_dump() for c in report.checks]))
+    Path(out).write_text(json.dumps([asdict(c) for c in report.checks]))
 
 
 def _deep_in_process(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:

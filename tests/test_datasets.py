@@ -353,7 +353,7 @@ def test_pinned_run_survives_compaction_and_appends(prefect_server, tmp_path):
     assert out["final_step"] == 12 and out["started_from"] == 0, out
 
     run_json = json.loads((tmp_path / "objects" / "runs/act-pinned/run.json").read_text())
-    assert run_json["dataset"]["version"] == pinned.model_dump(), "lineage names the data it was trained on"
+    assert run_json["dataset"]["version"] == pinned.to_dict(), "lineage names the data it was trained on"
     assert run_json["dataset"]["root"].startswith(str(tmp_path / "cache"))
     ckpt = json.loads((tmp_path / "objects" / "runs/act-pinned/checkpoints/000012/manifest.json").read_text())
     assert ckpt["dataset"]["version"]["content_hash"] == pinned.content_hash
@@ -364,4 +364,4 @@ def test_pinned_run_survives_compaction_and_appends(prefect_server, tmp_path):
     more = train(request=TrainRequest(steps=14, **req), config=str(cfg))
     assert more["started_from"] == 12 and more["final_step"] == 14
     run_json = json.loads((tmp_path / "objects" / "runs/act-pinned/run.json").read_text())
-    assert run_json["dataset"]["version"] == pinned.model_dump()
+    assert run_json["dataset"]["version"] == pinned.to_dict()

@@ -253,8 +253,8 @@ log_freq = 1
         assert Store.open(store).version == v2 and v2.total_episodes == 5
         run_doc = s3_json(s3, f"conveyor/runs/{run_name}/run.json")
         assert run_doc["final_step"] == STEPS
-        assert run_doc["dataset"]["version"] == v1.model_dump(mode="json")
-        assert s3_json(s3, f"conveyor/runs/{run_name}/dataset.json")["version"] == v1.model_dump(mode="json")
+        assert run_doc["dataset"]["version"] == v1.to_dict()
+        assert s3_json(s3, f"conveyor/runs/{run_name}/dataset.json")["version"] == v1.to_dict()
         assert run_doc["dataset"]["root"].startswith(str(gpu2.root / "cache"))
         before = s3_json(s3, manifest)
         assert before["dataset"]["version"]["content_hash"] == v1.content_hash

@@ -24,7 +24,8 @@ def test_nothing_new_answers_like_the_full_ingest_and_defers_everything_else(tmp
     full = ingest(rec, store)
     assert fast is not None and not full.added
     keep = {"seconds"}
-    assert fast.model_dump(exclude=keep) == full.model_dump(exclude=keep) and fast.incomplete == [3]
+    assert ({k: v for k, v in fast.to_dict().items() if k not in keep}
+            == {k: v for k, v in full.to_dict().items() if k not in keep}) and fast.incomplete == [3]
 
     w.finish_episode(3)
     assert nothing_new(rec, store) is None, "a new episode goes through the full ingest"

@@ -11,7 +11,6 @@ import os
 import sys
 from datetime import datetime
 
-from pydantic import ValidationError
 
 from conveyor.errors import ConveyorError
 
@@ -156,6 +155,8 @@ def build_request(args):
                   device=args.device, gpus=args.gpus, recipe=args.recipe, dataset_version=args.dataset_version,
                   run_name=args.run_name, output_dir=args.output_dir, archive=not args.no_archive,
                   archive_url=args.archive, options=options)
+    from pydantic import ValidationError  # here: every other command is spared pydantic's import
+
     try:
         request = TrainRequest(**fields)
         if not request.run_name:

@@ -72,7 +72,7 @@ def lineage(plan: TrainPlan) -> dict:
     """What every archived checkpoint records about where it came from."""
     return {"dataset": {"root": str(plan.dataset_root), "repo_id": plan.repo_id,
                         "store": plan.repo_id.split("/", 1)[-1], "pin": f"runs/{plan.run_name}/dataset.json",
-                        "version": plan.dataset_version.model_dump() if plan.dataset_version else None},
+                        "version": plan.dataset_version.to_dict() if plan.dataset_version else None},
             "policy_type": plan.policy_type, "recipe": plan.recipe, "versions": versions(plan),
             "lerobot_train": str(plan.lerobot.executable), "git_revision": git_revision()}
 
