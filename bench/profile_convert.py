@@ -41,7 +41,6 @@ def main(argv: list[str]) -> int:
         import pyarrow.parquet as pq
 
         from conveyor import stats as st
-        from conveyor.ingest import _content_hash
         from conveyor.source import V21Source
         from conveyor.video import concat, probe
 
@@ -67,7 +66,7 @@ def main(argv: list[str]) -> int:
                 cpu["decode stats keyframes"] += time.process_time() - t
                 frames_decoded += len(frames)
                 timed("camera stats (histograms)", st.image_stats, frames)
-            timed("sha256 of source files", _content_hash, src.episode_files(ep.index))
+            timed("sha256 of source files", src.content_hash, ep.index)
         cpu["decode stats keyframes"] -= cpu["demux (probe packets)"]  # probe(sample) demuxes too
         for key in src.video_keys:
             timed("stream copy (concat + spans)", concat, [ep.videos[key] for ep in ready], tmp / f"{key}.mp4")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,10 +58,7 @@ class V21Source:
             raise ConveyorError(root, "source folder does not exist")
         if not info_path.is_file():
             raise ConveyorError(info_path, "missing: not a LeRobot dataset (no meta/info.json)")
-        try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConveyorError(info_path, f"not valid JSON: {e}") from None
+        info = _read_info(info_path)
         version = info.get("codebase_version")
         if version == "v3.0":
             raise ConveyorError(info_path, "this is already a v3.0 dataset; conveyor reads v2.1 sources")
@@ -268,6 +266,23 @@ class V21Source:
                 if ep not in records:
                     out.append(ep)
         return sorted(out)
+
+
+INFO_SETTLE_S = 1.0  # how long a torn info.json may take to become whole before it is an error
+
+
+def _read_info(path: Path) -> dict:
+    """info.json, waiting out a recorder that is rewriting it: lerobot's recorder rewrites it in place after
+    each episode's jsonl lines (truncate, then write), so a reader can catch it empty or half-written; a file
+    still unreadable after INFO_SETTLE_S is an error."""
+    deadline = time.monotonic() + INFO_SETTLE_S
+    while True:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if time.monotonic() >= deadline:
+                raise ConveyorError(path, f"not valid JSON: {e}") from None
+            time.sleep(0.02)
 
 
 def comparable_features(features: dict) -> dict:

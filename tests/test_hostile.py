@@ -316,6 +316,32 @@ def test_paths_with_spaces_and_non_ascii(tmp_path):
     assert conveyor("validate", str(dst), "--against", str(rec)).returncode == 0
 
 
+def test_info_json_being_rewritten_by_the_recorder_is_waited_out(tmp_path):
+    """lerobot's recorder rewrites info.json in place after each episode (truncate, then write): an ingest that
+    opens the source in that window waits for the whole file instead of failing; a file that stays torn is
+    still an error naming it."""
+    from conveyor.ingest import ingest
+
+    rec, store = tmp_path / "rec", tmp_path / "store"
+    record(rec, range(2))
+    info = rec / "meta/info.json"
+    whole = info.read_bytes()
+    info.write_bytes(whole[: len(whole) // 3])  # caught mid-write
+    writer = threading.Timer(0.3, info.write_bytes, args=(whole,))
+    writer.start()
+    try:
+        report = ingest(rec, store)
+    finally:
+        writer.join()
+    assert [m.source_episode_index for m in report.added] == [0, 1]
+    info.write_bytes(b"")  # the recorder died mid-write: stays torn
+    with pytest.raises(ConveyorError) as e:
+        ingest(rec, store)
+    assert str(info) in str(e.value) and "not valid JSON" in str(e.value)
+    info.write_bytes(whole)
+    assert not ingest(rec, store).added
+
+
 # -- an overloaded S3 endpoint ----------------------------------------------------------------------------
 
 
