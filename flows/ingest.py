@@ -78,5 +78,5 @@ def ingest(source: str, config: str | None = None, deep: bool = True, train: boo
                     src.name)
     return {"source": src.name, "store": str(store), "added": new,
             "quarantined": {q.source_episode_index: q.reason for q in report.quarantined},
-            "incomplete": report.incomplete, "version": version.model_dump(), "training_run": run_id,
+            "incomplete": report.incomplete, "version": version.to_dict(), "training_run": run_id,
             "run_id": str(flow_run.get_id() or "")}
