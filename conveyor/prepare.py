@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -47,34 +48,45 @@ class Loaded:
     fingerprint: dict
 
 
-def load_episode(src: V21Source, ep: SourceEpisode) -> Loaded:
+def _load_rows(src: V21Source, ep: SourceEpisode) -> tuple[pa.Table, str, dict]:
     try:
         table = pq.ParquetFile(ep.parquet).read()  # not pq.read_table: that imports pandas (0.4 s)
     except Exception as e:
         raise BadEpisode(ep.parquet, f"corrupt parquet: {e}", ep.index) from None
-    video_stats, video_pts, video_starts = {}, {}, {}
-    for key, path in ep.videos.items():
-        try:
-            pr, frames = probe(path, sample=st.CAMERA_SAMPLES)
-        except ConveyorError as e:
-            raise BadEpisode(path, e.problem, ep.index) from None
-        check_video_length(path, pr.frames, ep.length, ep.index)  # scan left this to the one demux pass
-        video_pts[key] = pr.pts
-        video_starts[key] = (pr.pts[0], pr.first_dts)
-        video_stats[key] = st.image_stats(frames)
-    return Loaded(table, video_stats, video_pts, video_starts, src.content_hash(ep.index), src.fingerprint(ep.index))
+    return table, src.content_hash(ep.index), src.fingerprint(ep.index)
+
+
+def _load_camera(ep: SourceEpisode, path) -> tuple[dict, tuple[int, ...], tuple[int, int]]:
+    """One camera of one episode: demux once, decode its stats keyframes, stats; (stats, pts, (pts0, dts0))."""
+    try:
+        pr, frames = probe(path, sample=st.CAMERA_SAMPLES)
+    except ConveyorError as e:
+        raise BadEpisode(path, e.problem, ep.index) from None
+    check_video_length(path, pr.frames, ep.length, ep.index)  # scan left this to the one demux pass
+    return st.image_stats(frames), pr.pts, (pr.pts[0], pr.first_dts)
+
+
+def _assemble(rows: Future, cameras: dict[str, Future]) -> Loaded:
+    table, content_hash, fingerprint = rows.result()
+    loaded = {k: f.result() for k, f in cameras.items()}
+    return Loaded(table, {k: v[0] for k, v in loaded.items()}, {k: v[1] for k, v in loaded.items()},
+                  {k: v[2] for k, v in loaded.items()}, content_hash, fingerprint)
 
 
 def load_ahead(src: V21Source, ready: list[SourceEpisode]) -> Iterator[tuple[SourceEpisode, Callable[[], Loaded]]]:
     """Load episodes on LOAD_THREADS threads (keyframe decoding and hashing release the GIL), at most
-    LOAD_THREADS episodes ahead of the consumer so memory stays bounded; yields them in order."""
+    LOAD_THREADS episodes ahead of the consumer so memory stays bounded; yields them in order. Rows and each
+    camera are separate jobs, so even a one-episode append decodes its cameras in parallel."""
     with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:
-        pending: dict[int, Future] = {}
+        pending: dict[int, tuple[Future, dict[str, Future]]] = {}
         for i, ep in enumerate(ready):
             for j in range(i, min(i + LOAD_THREADS + 1, len(ready))):
                 if j not in pending:
-                    pending[j] = pool.submit(load_episode, src, ready[j])
-            yield ep, pending.pop(i).result
+                    e = ready[j]
+                    pending[j] = (pool.submit(_load_rows, src, e),
+                                  {k: pool.submit(_load_camera, e, path) for k, path in e.videos.items()})
+            rows, cameras = pending.pop(i)
+            yield ep, partial(_assemble, rows, cameras)
 
 
 def prepare_episode(src: V21Source, ep: SourceEpisode, loaded: Loaded, episode_index: int, first_frame: int,
