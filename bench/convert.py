@@ -34,7 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-from readme_section import README, write_section  # bench/ is on sys.path when run as a script
+from bytecode import NOTE, compile_conveyor  # bench/ is on sys.path when run as a script
+from readme_section import README, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -439,7 +440,8 @@ def render(convs: list[dict], apps: list[dict], args: argparse.Namespace, total_
              f" by `bench/convert.py` in {total_s:.0f} s (excluding first-time recording generation); 1-min load average "
              f"at the end {os.getloadavg()[0]:.1f} (other work on the machine makes times noisy: trust the ratios).",
              "Every timed step is its own subprocess, so wall time includes interpreter start and imports; peak RSS "
-             "is that process's max RSS (GNU `/usr/bin/time` `%M`). Medians of the repetitions; the range is min–max wall.", ""]
+             "is that process's max RSS (GNU `/usr/bin/time` `%M`). Medians of the repetitions; the range is min–max wall. "
+             f"{NOTE[0].upper() + NOTE[1:]}.", ""]
     tools = ", ".join(f"lerobot {v}" for v, _ in BASELINES) or "no lerobot baseline"
     if convs:
         c0 = convs[0]
@@ -571,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no lerobot next to {python}: that baseline is skipped", flush=True)
 
     recs = ensure_recordings(work)
+    compile_conveyor()
     if args.only == "generate":
         return 0
     run = fresh(work / "run")

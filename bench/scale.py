@@ -32,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from readme_section import write_section  # bench/ is on sys.path when run as a script
+from bytecode import NOTE, compile_conveyor  # bench/ is on sys.path when run as a script
+from readme_section import write_section
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -137,7 +138,8 @@ def render(results: list[dict], args, total_s: float) -> str:
              "into a store, then each step as its own process (interpreter start and imports included). Wall "
              "seconds (median) and the child's CPU seconds (user + sys, median; steadier than wall on a shared machine). "
              f"Measured {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} on {platform.machine()}, "
-             f"{os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.1f}; {total_s:.0f} s in all.", "",
+             f"{os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.1f}; {total_s:.0f} s in all. "
+             f"{NOTE[0].upper() + NOTE[1:]}.", "",
              "| step | " + " | ".join(f"N={n} wall s | N={n} CPU s" for n in ns)
              + (f" | growth {ns[0]} -> {ns[-1]} (wall) |" if len(ns) > 1 else " |"),
              "| --- | " + " | ".join("--- | ---" for _ in ns) + (" | --- |" if len(ns) > 1 else " |")]
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     bases = {n: recording(work, n) for n in a.sizes}
+    compile_conveyor()
     t0 = time.perf_counter()
     results = []
     for n in a.sizes:
