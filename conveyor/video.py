@@ -130,8 +130,9 @@ class StreamCopy:
     while it loads the next; `close` returns each input's (from, to) seconds in the output.
 
     Each input is shifted so its first presented frame lands right after the previous input's last
-    frame. The spans are read back from the output's own packets, so they are exactly what a decoder of
-    it will report. Written to `<out>.part`, renamed to `out` by `close`.
+    frame. The spans are what a decoder of the output will report: computed from the written timestamps
+    once the closed file shows it holds them, else read back from its packets. Written to `<out>.part`,
+    renamed to `out` by `close`.
     """
 
     def __init__(self, out: Path):
@@ -212,11 +213,11 @@ class StreamCopy:
             self.abort()
 
     def _spans_from_written(self) -> list[tuple[float, float]] | None:
-        """The spans from the timestamps this copy wrote, once the closed file shows it holds them: same time
-        base, every frame (the sample count of its index), and its first packets carrying exactly the
-        written timestamps moved by one constant (the edit list a B-frame stream gets). Reading back every
-        packet (`segment_spans`) costs a demux of the whole file, the biggest part of a convert's tail;
-        it remains the answer wherever this cannot show the same result (None)."""
+        """The spans from the timestamps this copy wrote, once the closed file shows it holds them: every
+        frame (the sample count of its index), and its first packets carrying exactly the written timestamps,
+        rescaled to the file's time base as the muxer does, moved by one constant (the edit list a B-frame
+        stream gets). Reading back every packet (`segment_spans`) costs a demux of the whole file, the
+        biggest part of a convert's tail; it remains the answer wherever this cannot show the same (None)."""
         if not self.lengths or not self.head:
             return None
         with _open(self.tmp) as c:
