@@ -51,14 +51,16 @@ class V21Source:
         self.image_keys = [k for k, f in self.features.items() if f["dtype"] == "image"]
 
     @classmethod
-    def open(cls, root: str | Path) -> "V21Source":
+    def open(cls, root: str | Path, info_settle_s: float | None = None) -> "V21Source":
+        """`info_settle_s`: how long a torn info.json may take to become whole (default INFO_SETTLE_S; the
+        watcher, which looks again at its next scan anyway, passes 0 so one broken source cannot stall it)."""
         root = Path(root).resolve()
         info_path = root / "meta" / "info.json"
         if not root.is_dir():
             raise ConveyorError(root, "source folder does not exist")
         if not info_path.is_file():
             raise ConveyorError(info_path, "missing: not a LeRobot dataset (no meta/info.json)")
-        info = _read_info(info_path)
+        info = _read_info(info_path, INFO_SETTLE_S if info_settle_s is None else info_settle_s)
         version = info.get("codebase_version")
         if version == "v3.0":
             raise ConveyorError(info_path, "this is already a v3.0 dataset; conveyor reads v2.1 sources")
@@ -271,11 +273,11 @@ class V21Source:
 INFO_SETTLE_S = 1.0  # how long a torn info.json may take to become whole before it is an error
 
 
-def _read_info(path: Path) -> dict:
+def _read_info(path: Path, settle_s: float) -> dict:
     """info.json, waiting out a recorder that is rewriting it: lerobot's recorder rewrites it in place after
     each episode's jsonl lines (truncate, then write), so a reader can catch it empty or half-written; a file
-    still unreadable after INFO_SETTLE_S is an error."""
-    deadline = time.monotonic() + INFO_SETTLE_S
+    still unreadable after `settle_s` is an error."""
+    deadline = time.monotonic() + settle_s
     while True:
         try:
             return json.loads(path.read_text(encoding="utf-8"))

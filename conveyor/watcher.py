@@ -146,7 +146,7 @@ class EpisodeWatcher:
 
     def _scan(self, st: _SourceState) -> None:
         try:
-            src = V21Source.open(st.path)
+            src = V21Source.open(st.path, info_settle_s=0)  # a torn info.json: looked at again below
             complete, scan = src.scan(skip=st.handled)
         except Exception as e:  # noqa: BLE001 - one unreadable file must not kill the watcher
             msg = str(e) if isinstance(e, ConveyorError) else f"{type(e).__name__}: {e}"
