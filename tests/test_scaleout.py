@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.compact import compact
+from conveyor.processes import marked_pids
 from conveyor.store import Store
 from conveyor.training import checkpoints as ck
 from conveyor.supervisor import api
@@ -85,16 +86,7 @@ worker_query_seconds = 1
         return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-(tail or 0):]}" for p in self.logs)
 
     def pids(self) -> list[int]:
-        needle = f"HOME={self.home}".encode()
-        out = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    if needle in (d / "environ").read_bytes().split(b"\0"):
-                        out.append(int(d.name))
-                except OSError:
-                    pass
-        return out
+        return marked_pids(str(self.home), "HOME")
 
     def crash(self) -> None:
         """The machine loses power: every process of it, SIGKILL, no cleanup (again until none is left: a

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.processes import free_port, port_in_use
+from conveyor.processes import free_port, marked_pids, port_in_use
 from conveyor.store import Store
 from conveyor.supervisor import api
 from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
@@ -356,15 +356,9 @@ def test_watch_flow_lands_finished_episodes_as_child_ingest_runs(prefect_api, tm
 # -- conveyor up ------------------------------------------------------------------------------------------
 
 def _pids_with_env(needle: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if needle.encode() in (d / "environ").read_bytes().split(b"\0"):
-                    out.append(int(d.name))
-            except OSError:
-                pass
-    return out
+    """Processes whose environment carries `needle` (`KEY=VALUE`)."""
+    key, _, value = needle.partition("=")
+    return marked_pids(value, key)
 
 
 @pytest.mark.slow
