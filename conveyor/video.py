@@ -45,6 +45,11 @@ class VideoProbe:
         return tuple(sorted(self.keyframes))
 
 
+def frame_ticks(rate, time_base: Fraction) -> int:
+    """One frame's duration in `time_base` units, for a frame rate (a PyAV Fraction)."""
+    return int(round(1 / (Fraction(rate.numerator, rate.denominator) * time_base)))
+
+
 def _open(path: Path):
     try:
         return av.open(str(path))
@@ -82,10 +87,7 @@ def probe(path: str | Path, sample: int = 0) -> VideoProbe | tuple[VideoProbe, l
             raise ConveyorError(path, "video has no frames (truncated?)")
         tb = Fraction(s.time_base.numerator, s.time_base.denominator)
         rate = s.average_rate or s.guessed_rate
-        if rate:
-            ticks = int(round(1 / (Fraction(rate.numerator, rate.denominator) * tb)))
-        else:
-            ticks = max(durations) or 1
+        ticks = frame_ticks(rate, tb) if rate else max(durations) or 1
         pr = VideoProbe(len(pts), tuple(sorted(pts)), tb, s.codec_context.name, s.codec_context.width,
                         s.codec_context.height, ticks, frozenset(keyframes), min(dts))
         if not sample:
@@ -172,7 +174,7 @@ class StreamCopy:
                 # non-negative and strictly increasing across the join (lerobot's concat fails here)
                 cursor = max(self.cursor, self.last_dts + 1 + p0 - d0)
                 rate = s.average_rate or s.guessed_rate
-                ticks = int(round(1 / (Fraction(rate.numerator, rate.denominator) * tb))) if rate else 1
+                ticks = frame_ticks(rate, tb) if rate else 1
                 shift = cursor - p0
                 last, last_dts, count, ostream, mux = cursor, self.last_dts, 0, self.ostream, self.oc.mux
                 head = self.head
@@ -242,7 +244,7 @@ class StreamCopy:
         offset = read[0] - rescaled(self.head[0])
         if any(r - rescaled(w) != offset for r, w in zip(read, self.head)):
             return None
-        ticks = int(round(1 / (Fraction(s.average_rate.numerator, s.average_rate.denominator) * tb)))
+        ticks = frame_ticks(s.average_rate, tb)
         bounds = [rescaled(p) + offset for p in self.starts] + [rescaled(self.max_pts) + offset + ticks]
         return [(float(a * tb), float(b * tb)) for a, b in zip(bounds, bounds[1:])]
 
