@@ -14,24 +14,24 @@ from conveyor.store import DOT
 QUARANTINE = f"{DOT}/quarantine.json"
 
 
-def read_quarantine_entries(store_root: Path) -> list[dict[str, Any]]:
-    """Every source's quarantined episodes as plain dicts (a missing or unreadable record is empty)."""
+def _load(store_root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Source -> its quarantined episodes (a missing or unreadable record is empty)."""
     p = Path(store_root) / QUARANTINE
     try:
-        data = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
     except (OSError, ValueError):
-        return []
-    return [q for entries in data.values() for q in entries]
+        return {}
+
+
+def read_quarantine_entries(store_root: Path) -> list[dict[str, Any]]:
+    """Every source's quarantined episodes as plain dicts."""
+    return [q for entries in _load(store_root).values() for q in entries]
 
 
 def record_quarantine(store_root: Path, source: str, quarantined: list[tuple[int, str]]) -> None:
     """Replace `source`'s quarantined episodes (source episode index, reason) with the latest ingest's (the
     caller holds the store's lock). Per source and current: an episode fixed and ingested later drops out."""
-    p = Path(store_root) / QUARANTINE
-    try:
-        data = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
-    except (OSError, ValueError):
-        data = {}
+    data = _load(store_root)
     now = datetime.now().astimezone().isoformat(timespec="seconds")
     entries = [{"source": source, "source_episode_index": ep, "reason": reason, "time": now}
                for ep, reason in quarantined]
@@ -41,4 +41,5 @@ def record_quarantine(store_root: Path, source: str, quarantined: list[tuple[int
         del data[source]
     else:
         return
-    write_atomic(p, json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8"), fsync=False)
+    text = json.dumps(data, ensure_ascii=False, indent=1)
+    write_atomic(Path(store_root) / QUARANTINE, text.encode("utf-8"), fsync=False)
