@@ -31,6 +31,9 @@ class SourceEpisode:
     videos: dict[str, Path]
 
 
+INFO_SETTLE_S = 1.0  # how long a torn info.json may take to become whole before it is an error
+
+
 @dataclass
 class SourceScan:
     complete: list[int] = field(default_factory=list)
@@ -43,6 +46,7 @@ class V21Source:
 
     def __init__(self, root: Path, info: dict):
         self.root = root
+        self.root_str = str(root)
         self.info = info
         self.fps = int(info["fps"])
         self.features: dict = info["features"]
@@ -51,16 +55,16 @@ class V21Source:
         self.image_keys = [k for k, f in self.features.items() if f["dtype"] == "image"]
 
     @classmethod
-    def open(cls, root: str | Path, info_settle_s: float | None = None) -> "V21Source":
-        """`info_settle_s`: how long a torn info.json may take to become whole (default INFO_SETTLE_S; the
-        watcher, which looks again at its next scan anyway, passes 0 so one broken source cannot stall it)."""
+    def open(cls, root: str | Path, info_settle_s: float = INFO_SETTLE_S) -> "V21Source":
+        """`info_settle_s`: how long a torn info.json may take to become whole (the watcher, which looks again
+        at its next scan anyway, passes 0 so one broken source cannot stall it)."""
         root = Path(root).resolve()
         info_path = root / "meta" / "info.json"
         if not root.is_dir():
             raise ConveyorError(root, "source folder does not exist")
         if not info_path.is_file():
             raise ConveyorError(info_path, "missing: not a LeRobot dataset (no meta/info.json)")
-        info = _read_info(info_path, INFO_SETTLE_S if info_settle_s is None else info_settle_s)
+        info = _read_info(info_path, info_settle_s)
         version = info.get("codebase_version")
         if version == "v3.0":
             raise ConveyorError(info_path, "this is already a v3.0 dataset; conveyor reads v2.1 sources")
@@ -117,34 +121,38 @@ class V21Source:
 
     # -- paths ----------------------------------------------------------------------------------------
 
+    # strings first: an append checks every ingested episode's files, and pathlib's objects cost more there
+    # than the stat calls
+    def _data_file(self, ep: int) -> str:
+        return os.path.join(self.root_str, self.info["data_path"].format(
+            episode_chunk=ep // self.chunks_size, episode_index=ep))
+
+    def _video_file(self, ep: int, key: str) -> str:
+        return os.path.join(self.root_str, self.info["video_path"].format(
+            episode_chunk=ep // self.chunks_size, video_key=key, episode_index=ep))
+
+    def episode_paths(self, ep: int) -> list[str]:
+        """`episode_files` as strings."""
+        return [self._data_file(ep)] + [self._video_file(ep, k) for k in self.video_keys]
+
     def parquet_path(self, ep: int) -> Path:
-        return self.root / self.info["data_path"].format(episode_chunk=ep // self.chunks_size, episode_index=ep)
+        return Path(self._data_file(ep))
 
     def video_path(self, ep: int, key: str) -> Path:
-        return self.root / self.info["video_path"].format(
-            episode_chunk=ep // self.chunks_size, video_key=key, episode_index=ep)
+        return Path(self._video_file(ep, key))
 
     def episode_files(self, ep: int) -> list[Path]:
-        return [self.parquet_path(ep)] + [self.video_path(ep, k) for k in self.video_keys]
+        return [Path(p) for p in self.episode_paths(ep)]
 
     # -- identity: what the ledger records, so a changed episode is noticed ---------------------------
 
     def fingerprint(self, ep: int) -> dict[str, list[int]]:
-        """File name -> [size, mtime_ns] of the episode's files: the cheap check (an append runs it for every
-        ingested episode, so on plain strings: pathlib's objects cost more than the stat calls)."""
+        """File name -> [size, mtime_ns] of the episode's files: the cheap check."""
         out = {}
         for path in self.episode_paths(ep):
             st = os.stat(path)
             out[os.path.basename(path)] = [st.st_size, st.st_mtime_ns]
         return out
-
-    def episode_paths(self, ep: int) -> list[str]:
-        """`episode_files` as strings."""
-        root, chunk = str(self.root), ep // self.chunks_size
-        data = os.path.join(root, self.info["data_path"].format(episode_chunk=chunk, episode_index=ep))
-        video = self.info.get("video_path") or ""
-        return [data] + [os.path.join(root, video.format(episode_chunk=chunk, video_key=k, episode_index=ep))
-                         for k in self.video_keys]
 
     def content_hash(self, ep: int) -> str:
         """sha256 over the sha256 of each of the episode's files: the exact check."""
@@ -268,9 +276,6 @@ class V21Source:
                 if ep not in records:
                     out.append(ep)
         return sorted(out)
-
-
-INFO_SETTLE_S = 1.0  # how long a torn info.json may take to become whole before it is an error
 
 
 def _read_info(path: Path, settle_s: float) -> dict:
