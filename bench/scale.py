@@ -109,7 +109,7 @@ def bench_size(n: int, base: Path, run_dir: Path, reps: int, deep: bool, env: di
         got = json.loads((store / "meta/info.json").read_text())["total_episodes"]
         assert got == ep + 1, f"store has {got} episodes after appending source episode {ep}"
         out["nothing new"].append(run(cli + ["ingest", str(src), str(store)], env)[:2])
-        code = ("import sys; from conveyor.cli.store import without_pandas; without_pandas(); "
+        code = ("import sys; from conveyor.cli.store import lean_process; lean_process(); "
                 "from conveyor.validate import validate_fast; "
                 f"r = validate_fast(sys.argv[1], against=sys.argv[2], episodes=[{ep}]); sys.exit(0 if r.ok else 1)")
         out["fast-validate 1"].append(run(py + [code, str(store), str(src)], env)[:2])

@@ -1,4 +1,4 @@
-"""File helpers every layer shares: one sha256 of a file, one atomic write.
+"""File helpers every layer shares: one sha256 of a file, one atomic write, hashing ahead in a child process.
 
 Kept apart from the dataset store and the object-storage code so both (and backup, publishing and the
 cache) hash and write files the same way without importing each other.
@@ -9,6 +9,10 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: `conveyor ingest` with nothing new runs without them (~10 ms)
+    from concurrent.futures import Future
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -44,3 +48,55 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# one line of NUL-separated paths in, one line out: the hex sha256 over each file's sha256, or "!" and why not
+_GROUP_DIGESTS = r"""
+import hashlib, sys
+for line in sys.stdin:
+    h = hashlib.sha256()
+    try:
+        for p in line.rstrip("\n").split("\0"):
+            with open(p, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        out = h.hexdigest()
+    except OSError as e:
+        out = "!" + str(e).replace("\n", " ")
+    sys.stdout.write(out + "\n")
+    sys.stdout.flush()
+"""
+
+
+def group_digests_in_child(groups: list[list[str]]) -> list[Future]:
+    """Per group of files, a future of sha256 over each file's sha256 (None if a file could not be read),
+    computed by a child Python process so the hashing runs on another core whatever this process is doing:
+    a thread here would need the GIL back after every chunk and crawls while this process imports modules
+    (measured: a 178 MB recording hashed at ~0.45 s instead of 0.15 s during a convert's start-up)."""
+    import subprocess
+    import sys
+    import threading
+    from concurrent.futures import Future
+
+    jobs = [Future() for _ in groups]
+    if not groups:
+        return jobs
+    child = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GROUP_DIGESTS], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="surrogateescape")
+
+    def feed() -> None:
+        with child.stdin:
+            child.stdin.write("".join("\0".join(g) + "\n" for g in groups))
+
+    def collect() -> None:
+        with child.stdout:
+            for job, line in zip(jobs, child.stdout):
+                line = line.rstrip("\n")
+                job.set_result(None if line.startswith("!") else line)
+        child.wait()
+        for job in jobs:  # the child died early: these are hashed here when asked for
+            if not job.done():
+                job.set_result(None)
+
+    threading.Thread(target=feed, name="hash-ahead-feed", daemon=True).start()
+    threading.Thread(target=collect, name="hash-ahead", daemon=True).start()
+    return jobs

@@ -27,7 +27,7 @@ from conveyor.episodes import write_episodes
 from conveyor.errors import ConveyorError
 from conveyor.ledger import LedgerRecord
 from conveyor.quarantine import record_quarantine
-from conveyor.prepare import Prepared, load_ahead, prepare_episode
+from conveyor.prepare import PacketCap, Prepared, load_ahead, prepare_episode
 from conveyor.reports import EpisodeMapping, IngestReport, Quarantined
 from conveyor.source import SourceEpisode, V21Source
 from conveyor.store import Commit, Store, is_store
@@ -39,12 +39,12 @@ Progress = Callable[[int, int, str], None]
 
 # -- entry points --------------------------------------------------------------------------------------
 
-def ingest(source: str | Path, store: str | Path, *, task: str | None = None, data_mb: float = sizing.DATA_MB,
+def ingest(source: str | Path | V21Source, store: str | Path, *, task: str | None = None, data_mb: float = sizing.DATA_MB,
            video_mb: float = sizing.VIDEO_MB, lock_timeout: float | None = 60.0, progress: Progress | None = None,
            max_episodes: int | None = None) -> IngestReport:
     """Append every complete source episode not yet in the store (creating it if missing)."""
     t0 = time.monotonic()
-    src = V21Source.open(source)
+    src = source if isinstance(source, V21Source) else V21Source.open(source)
     store_root = Path(store).resolve()
     if store_root == src.root or src.root in store_root.parents:
         raise ConveyorError(store_root, "store must not be inside the source folder")
@@ -65,7 +65,7 @@ def ingest(source: str | Path, store: str | Path, *, task: str | None = None, da
     return report
 
 
-def convert(source: str | Path, dst: str | Path, *, task: str | None = None, data_mb: float = sizing.DATA_MB,
+def convert(source: str | Path | V21Source, dst: str | Path, *, task: str | None = None, data_mb: float = sizing.DATA_MB,
             video_mb: float = sizing.VIDEO_MB, overwrite: bool = False, progress: Progress | None = None
             ) -> IngestReport:
     """One-shot conversion into a fresh store, built beside `dst` and renamed into place at the end."""
@@ -76,7 +76,7 @@ def convert(source: str | Path, dst: str | Path, *, task: str | None = None, dat
     try:
         report = ingest(source, tmp, task=task, data_mb=data_mb, video_mb=video_mb, progress=progress)
         if not report.added:
-            raise ConveyorError(Path(source), "no complete episodes to convert"
+            raise ConveyorError(Path(report.source), "no complete episodes to convert"
                                 + (f" ({len(report.quarantined)} quarantined: {report.quarantined[0].reason})"
                                    if report.quarantined else ""))
         if dst.exists():
@@ -105,6 +105,7 @@ def _ingest_locked(src: V21Source, s: Store, task, data_mb, video_mb, progress, 
         videos = write_videos(plan, video, progress)
         rows = write_episode_metadata(tx, s, plan, batch, videos)
         write_info_stats_tasks_ledger(tx, s, plan, batch, rows)
+        video.staged()
     return added_report(plan, batch, rows, tx.version)
 
 
@@ -174,7 +175,7 @@ def write_data(tx: Commit, s: Store, plan: Plan, progress: Progress | None, vide
     schema = data_schema(plan.features)
     data = DataWriter(tx, s.next_linear("data"), schema, info["data_files_size_in_mb"])
     frame = batch.frame_start
-    for i, (ep, loaded) in enumerate(load_ahead(src, ready)):
+    for i, (ep, loaded) in enumerate(load_ahead(src, ready, PacketCap())):
         if progress:
             progress(i, len(ready), f"episode {ep.index}")
         try:
@@ -313,7 +314,10 @@ class VideoWriter:
         if self.open[key] is None:
             rel = layout.video_path(key, self.linear[key])
             self.open[key], self.size[key] = (rel, StreamCopy(self.commit.path(rel))), 0
-        self.open[key][1].add(p.src.videos[key], p.video_starts[key])
+        cam = p.cameras[key]
+        self.open[key][1].add(p.src.videos[key], cam.probe, cam.packets.packets if cam.packets else None)
+        if cam.packets:
+            cam.packets.release()
         self.size[key] += sizing.mp4_bytes(p.src.videos[key])
         if sizing.is_full(self.size[key], self.limit):
             self._close(key)
@@ -322,16 +326,23 @@ class VideoWriter:
         rel, copy = self.open[key]
         self.open[key] = None
         self.spans[key] += [(self.linear[key], a, b) for a, b in copy.close()]
-        self.commit.staged(rel)
         self.linear[key] += 1
+        self.jobs.append(self.threads[key].submit(self.commit.staged, rel))  # hashed after the spans
 
     def finish(self) -> dict[str, list[tuple[int, float, float]]]:
-        """Wait for the copies, close the last file of each camera; (file, from, to) per camera and episode."""
+        """Wait for the copies, close the last file of each camera; (file, from, to) per camera and episode.
+        The last files are still being hashed for the commit (~1 s per GB) while the caller writes the episode
+        metadata; `staged` waits for them."""
         for f in self.jobs:
             f.result()
         for f in [self.threads[k].submit(self._close, k) for k in self.keys if self.open[k] is not None]:
             f.result()
         return self.spans
+
+    def staged(self) -> None:
+        """Wait until every video file is staged in the commit (hashed)."""
+        for f in self.jobs:
+            f.result()
 
 
 def write_meta(commit: Commit, info: dict, tasks: list[str], stats: dict) -> None:

@@ -1,49 +1,88 @@
 """One source episode turned into store rows: read and checked (on loader threads), renumbered, task indices
-mapped to the store's task table, and its per-episode stats computed. Videos are only probed here; ingest
-stream-copies them later."""
+mapped to the store's task table, and its per-episode stats computed. Videos are only probed here (their
+packets kept, within a cap, for the copy); ingest stream-copies them later."""
 from __future__ import annotations
 
+import os
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
+import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conveyor import stats as st
+from conveyor import sizing, stats as st
 from conveyor.errors import BadEpisode, ConveyorError
 from conveyor.source import SourceEpisode, V21Source, check_video_length
 from conveyor.tables import column_array
-from conveyor.video import probe
+from conveyor.video import VideoProbe, probe
 
 LOAD_THREADS = 2  # measured: halves a 40-episode convert's load time for +13 MB RSS
 
 
+class PacketCap:
+    """A cap on the bytes of demuxed packets held between loading an episode and copying its videos, so memory
+    stays bounded however long the episodes are: a file that does not fit is demuxed again by the copy."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = sizing.limit_bytes(sizing.HELD_PACKETS_MB) if limit is None else limit
+        self.held, self._lock = 0, threading.Lock()
+
+    def reserve(self, nbytes: int) -> HeldPackets | None:
+        with self._lock:
+            if self.held + nbytes > self.limit:
+                return None
+            self.held += nbytes
+        return HeldPackets(self, nbytes)
+
+    def _give(self, nbytes: int) -> None:
+        with self._lock:
+            self.held -= nbytes
+
+
+class HeldPackets:
+    """One video file's packets, filled by its probe and consumed by the copy. The bytes go back to the cap on
+    `release`, or when the holder is dropped (a quarantined episode, a failed batch), so the cap cannot leak."""
+
+    def __init__(self, cap: PacketCap, nbytes: int):
+        self.packets: list[av.Packet] = []
+        self.release = weakref.finalize(self, cap._give, nbytes)
+
+
+@dataclass
+class Camera:
+    """One camera file of a loaded episode."""
+
+    probe: VideoProbe
+    stats: st.Stats
+    packets: HeldPackets | None  # None: the copy demuxes the file itself
+
+
 @dataclass
 class Prepared:
-    """A source episode turned into store rows, stats and video spans (videos not yet copied)."""
+    """A source episode turned into store rows and stats; its videos not yet copied."""
 
     src: SourceEpisode
     table: pa.Table | None  # dropped once written
     length: int
     stats: dict
     tasks: list[str]
-    video_pts: dict[str, tuple[int, ...]]
-    video_starts: dict[str, tuple[int, int]]
+    cameras: dict[str, Camera]
     content_hash: str
     fingerprint: dict
 
 
 @dataclass
 class Loaded:
-    """The per-episode work that needs no store state: read rows, sample camera keyframes, hash files."""
+    """The per-episode work that needs no store state: read rows, demux and sample each camera, hash files."""
 
     table: pa.Table
-    video_stats: dict
-    video_pts: dict[str, tuple[int, ...]]
-    video_starts: dict[str, tuple[int, int]]  # first pts, first dts: lets concat skip a demux pass
+    cameras: dict[str, Camera]
     content_hash: str
     fingerprint: dict
 
@@ -56,24 +95,25 @@ def _load_rows(src: V21Source, ep: SourceEpisode) -> tuple[pa.Table, str, dict]:
     return table, src.content_hash(ep.index), src.fingerprint(ep.index)
 
 
-def _load_camera(ep: SourceEpisode, path) -> tuple[dict, tuple[int, ...], tuple[int, int]]:
-    """One camera of one episode: demux once, decode its stats keyframes, stats; (stats, pts, (pts0, dts0))."""
+def _load_camera(ep: SourceEpisode, path, cap: PacketCap) -> Camera:
+    """One camera of one episode: demux once (keeping the packets for the copy if the cap allows), decode its
+    stats keyframes, stats."""
+    held = cap.reserve(os.path.getsize(path))
     try:
-        pr, frames = probe(path, sample=st.CAMERA_SAMPLES)
+        pr, frames = probe(path, sample=st.CAMERA_SAMPLES, packets=held.packets if held else None)
     except ConveyorError as e:
         raise BadEpisode(path, e.problem, ep.index) from None
     check_video_length(path, pr.frames, ep.length, ep.index)  # scan left this to the one demux pass
-    return st.image_stats(frames), pr.pts, (pr.pts[0], pr.first_dts)
+    return Camera(pr, st.image_stats(frames), held)
 
 
 def _assemble(rows: Future, cameras: dict[str, Future]) -> Loaded:
     table, content_hash, fingerprint = rows.result()
-    loaded = {k: f.result() for k, f in cameras.items()}
-    return Loaded(table, {k: v[0] for k, v in loaded.items()}, {k: v[1] for k, v in loaded.items()},
-                  {k: v[2] for k, v in loaded.items()}, content_hash, fingerprint)
+    return Loaded(table, {k: f.result() for k, f in cameras.items()}, content_hash, fingerprint)
 
 
-def load_ahead(src: V21Source, ready: list[SourceEpisode]) -> Iterator[tuple[SourceEpisode, Callable[[], Loaded]]]:
+def load_ahead(src: V21Source, ready: list[SourceEpisode], cap: PacketCap
+               ) -> Iterator[tuple[SourceEpisode, Callable[[], Loaded]]]:
     """Load episodes on LOAD_THREADS threads (keyframe decoding and hashing release the GIL), at most
     LOAD_THREADS episodes ahead of the consumer so memory stays bounded; yields them in order. Rows and each
     camera are separate jobs, so even a one-episode append decodes its cameras in parallel."""
@@ -84,7 +124,7 @@ def load_ahead(src: V21Source, ready: list[SourceEpisode]) -> Iterator[tuple[Sou
                 if j not in pending:
                     e = ready[j]
                     pending[j] = (pool.submit(_load_rows, src, e),
-                                  {k: pool.submit(_load_camera, e, path) for k, path in e.videos.items()})
+                                  {k: pool.submit(_load_camera, e, path, cap) for k, path in e.videos.items()})
             rows, cameras = pending.pop(i)
             yield ep, partial(_assemble, rows, cameras)
 
@@ -144,9 +184,8 @@ def prepare_episode(src: V21Source, ep: SourceEpisode, loaded: Loaded, episode_i
             ep_stats[key] = st.image_stats(st.png_frames(out.column(key).to_pylist()))
         else:
             ep_stats[key] = st.numeric_stats(column_array(out, key))
-    ep_stats |= loaded.video_stats
+    ep_stats |= {k: cam.stats for k, cam in loaded.cameras.items()}
     tasks = sorted({task_list[i] for i in remap.values()}, key=task_list.index)
-    return Prepared(ep, out, n, ep_stats, tasks, loaded.video_pts, loaded.video_starts, loaded.content_hash,
-                    loaded.fingerprint)
+    return Prepared(ep, out, n, ep_stats, tasks, loaded.cameras, loaded.content_hash, loaded.fingerprint)
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # stdlib only at import time: settings reads the defaults
 MB = 1024 * 1024
 DATA_MB = 100  # lerobot's DEFAULT_DATA_FILE_SIZE_IN_MB (also the episode-metadata target, as in lerobot)
 VIDEO_MB = 200  # lerobot's DEFAULT_VIDEO_FILE_SIZE_IN_MB
+HELD_PACKETS_MB = 64  # demuxed video packets an ingest may hold between loading and copying an episode
 PARQUET_MAGIC = 4  # b"PAR1" opens a parquet file; the footer, its length and the magic again close it
 
 T = TypeVar("T")

@@ -57,11 +57,13 @@ def _open(path: Path):
         raise ConveyorError(path, f"cannot open video: {e}") from None
 
 
-def probe(path: str | Path, sample: int = 0) -> VideoProbe | tuple[VideoProbe, list[np.ndarray]]:
+def probe(path: str | Path, sample: int = 0, packets: list[av.Packet] | None = None
+          ) -> VideoProbe | tuple[VideoProbe, list[np.ndarray]]:
     """Demux (no decode) the first video stream; a truncated or undecodable file raises ConveyorError.
 
     With `sample=k`, also decode the k keyframes `pick_keyframes` chooses for the whole file in the same
-    pass (only those packets are decoded) and return `(probe, frames)`.
+    pass (only those packets are decoded) and return `(probe, frames)`. `packets`: a list to fill with every
+    packet in file order, so `StreamCopy.add` can copy them without demuxing the file again.
     """
     path = Path(path)
     with _open(path) as c:
@@ -81,6 +83,8 @@ def probe(path: str | Path, sample: int = 0) -> VideoProbe | tuple[VideoProbe, l
                 durations.append(pk.duration or 0)
                 if pk.is_keyframe:
                     keyframes[pk.pts] = pk if sample else None
+                if packets is not None:
+                    packets.append(pk)
         except av.error.FFmpegError as e:
             raise ConveyorError(path, f"truncated or corrupt video: {e}") from None
         if not pts:
@@ -151,54 +155,58 @@ class StreamCopy:
         self.head: list[int] = []  # the first _HEAD written pts, in decode order
         self.max_pts = 0
 
-    def add(self, path: Path, start: tuple[int, int] | None = None) -> None:
-        """Append one input; `start` is its (first pts, first dts) when the caller has probed it already."""
+    def add(self, path: Path, probed: VideoProbe | None = None, packets: list[av.Packet] | None = None) -> None:
+        """Append one input. `probed`: its probe, when the caller has one (else a demux pass finds where it
+        starts); `packets`: all its packets, demuxed by that probe (else the file is demuxed here); they are
+        consumed. The input is opened only for what the caller did not bring (the first input also gives the
+        output stream its codec parameters)."""
         try:
-            with _open(path) as ic:
-                s = ic.streams.video[0]
-                if self.oc is None:
-                    self.oc = av.open(str(self.tmp), "w", format="mp4")
-                    self.ostream = self.oc.add_stream_from_template(s, opaque=True)
-                    self.base_tb, self.first = Fraction(s.time_base.numerator, s.time_base.denominator), path
-                tb = Fraction(s.time_base.numerator, s.time_base.denominator)
-                if tb != self.base_tb:
-                    raise ConveyorError(path, f"time base {tb} differs from {self.base_tb} of {self.first}")
-                # where the input starts: from the caller's probe, else a demux pass; packets are then
-                # streamed (holding them costs ~70 MB per 90 MB file)
-                if start is not None:
-                    p0, d0 = start
-                else:
-                    pr = probe(path)
-                    p0, d0 = pr.pts[0], pr.first_dts
-                # B-frames decode before they show (dts < pts): start late enough that DTS stays
-                # non-negative and strictly increasing across the join (lerobot's concat fails here)
-                cursor = max(self.cursor, self.last_dts + 1 + p0 - d0)
-                rate = s.average_rate or s.guessed_rate
-                ticks = frame_ticks(rate, tb) if rate else 1
-                shift = cursor - p0
-                last, last_dts, count, ostream, mux = cursor, self.last_dts, 0, self.ostream, self.oc.mux
-                head = self.head
-                for pk in ic.demux(s):
-                    if not pk.size or pk.pts is None:
-                        continue
-                    count += 1
-                    pk.pts += shift
-                    pk.dts = (pk.dts if pk.dts is not None else pk.pts - shift) + shift
-                    last = max(last, pk.pts)
-                    last_dts = max(last_dts, pk.dts)
-                    if len(head) < _HEAD:
-                        head.append(pk.pts)
-                    pk.stream = ostream
-                    mux(pk)
-                self.lengths.append(count)
-                self.starts.append(cursor)
-                self.cursor, self.last_dts, self.max_pts = last + ticks, last_dts, last
+            if self.oc is None or probed is None or packets is None:
+                with _open(path) as ic:
+                    s = ic.streams.video[0]
+                    if self.oc is None:
+                        self.oc = av.open(str(self.tmp), "w", format="mp4")
+                        self.ostream = self.oc.add_stream_from_template(s, opaque=True)
+                        self.base_tb, self.first = Fraction(s.time_base.numerator, s.time_base.denominator), path
+                    if probed is None:
+                        probed = probe(path)
+                    if packets is None:  # streamed: holding a whole file's packets costs ~80% of its size
+                        self._append(path, probed, ic.demux(s))
+                        return
+            self._append(path, probed, packets)
+            packets.clear()
         except av.error.FFmpegError as e:
             self.abort()
             raise ConveyorError(self.out, f"stream copy failed: {e}") from None
         except BaseException:
             self.abort()
             raise
+
+    def _append(self, path: Path, probed: VideoProbe, packets) -> None:
+        if probed.time_base != self.base_tb:
+            raise ConveyorError(path, f"time base {probed.time_base} differs from {self.base_tb} of {self.first}")
+        p0, d0 = probed.pts[0], probed.first_dts
+        # B-frames decode before they show (dts < pts): start late enough that DTS stays non-negative and
+        # strictly increasing across the join (lerobot's concat fails here)
+        cursor = max(self.cursor, self.last_dts + 1 + p0 - d0)
+        shift = cursor - p0
+        last, last_dts, count, ostream, mux = cursor, self.last_dts, 0, self.ostream, self.oc.mux
+        head = self.head
+        for pk in packets:
+            if not pk.size or pk.pts is None:
+                continue
+            count += 1
+            pk.pts += shift
+            pk.dts = (pk.dts if pk.dts is not None else pk.pts - shift) + shift
+            last = max(last, pk.pts)
+            last_dts = max(last_dts, pk.dts)
+            if len(head) < _HEAD:
+                head.append(pk.pts)
+            pk.stream = ostream
+            mux(pk)
+        self.lengths.append(count)
+        self.starts.append(cursor)
+        self.cursor, self.last_dts, self.max_pts = last + probed.frame_ticks, last_dts, last
 
     def close(self) -> list[tuple[float, float]]:
         """Finish the file, rename it into place and return each input's (from, to) seconds in it."""
@@ -257,12 +265,11 @@ class StreamCopy:
         self.tmp.unlink(missing_ok=True)
 
 
-def concat(inputs: list[Path], out: Path, starts: list[tuple[int, int]] | None = None
-           ) -> list[tuple[float, float]]:
+def concat(inputs: list[Path], out: Path) -> list[tuple[float, float]]:
     """Stream-copy `inputs` back to back into `out`; return each input's (from, to) seconds in `out`."""
     copy = StreamCopy(out)
-    for i, path in enumerate(inputs):
-        copy.add(path, starts[i] if starts is not None else None)
+    for path in inputs:
+        copy.add(path)
     return copy.close()
 
 

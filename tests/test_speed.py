@@ -119,3 +119,95 @@ def test_stream_copy_spans_from_written_timestamps_equal_a_full_read_back(tmp_pa
         copy.lengths[-1] += 1  # a frame missing from the file
         assert copy._spans_from_written() is None
         copy.abort()
+
+
+def test_copy_from_the_probes_packets_writes_the_files_a_second_demux_writes(tmp_path, monkeypatch):
+    """Ingest copies each video from the packets its probe demuxed; with no room under the cap it demuxes
+    the file again. Both give the same bytes (AV1, and H.264 with B-frames)."""
+    import hashlib
+
+    from conveyor import sizing, video
+    from conveyor.ingest import convert
+
+    spec = RecordingSpec(fps=30, cameras=(CameraSpec("observation.images.av1", 48, 64),
+                                          CameraSpec("observation.images.h264", 48, 64, codec="h264")))
+    rec = tmp_path / "rec"
+    w = RecordingWriter(rec, spec)
+    for ep, n in enumerate((7, 1, 30, 3)):
+        w.write_episode(ep, n)
+    fed: list[str] = []
+    append = video.StreamCopy._append
+
+    def spy(self, path, probed, packets):
+        fed.append("held" if isinstance(packets, list) else "demuxed")
+        return append(self, path, probed, packets)
+
+    monkeypatch.setattr(video.StreamCopy, "_append", spy)
+    convert(rec, tmp_path / "held")
+    assert fed == ["held"] * 8
+    fed.clear()
+    monkeypatch.setattr(sizing, "HELD_PACKETS_MB", 0)
+    convert(rec, tmp_path / "demuxed")
+    assert fed == ["demuxed"] * 8
+
+    def videos(root):
+        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((root / "videos").rglob("*.mp4"))}
+
+    assert len(videos(tmp_path / "held")) == 2
+    assert videos(tmp_path / "held") == videos(tmp_path / "demuxed")
+
+
+def test_packet_cap_bounds_what_is_held_and_gets_back_what_is_dropped():
+    import gc
+
+    from conveyor.prepare import PacketCap
+
+    cap = PacketCap(100)
+    a = cap.reserve(60)
+    assert a is not None and cap.reserve(50) is None, "over the cap: the copy demuxes that file itself"
+    b = cap.reserve(40)
+    assert b is not None and cap.held == 100
+    b.release()
+    b.release()  # idempotent
+    assert cap.held == 60
+    del a  # a quarantined episode's packets: dropped, never copied
+    gc.collect()
+    assert cap.held == 0 and cap.reserve(100) is not None
+
+
+def test_hashed_ahead_equals_hashing_now_and_a_file_changed_since_is_hashed_again(tmp_path):
+    import hashlib
+    import os
+
+    import pytest
+
+    from conveyor.fileio import group_digests_in_child
+    from conveyor.source import V21Source
+
+    rec = tmp_path / "rec"
+    w = RecordingWriter(rec, SPEC)
+    for ep in range(3):
+        w.write_episode(ep, 5 + ep)
+    now = V21Source.open(rec)
+    expected = {ep: now.content_hash(ep) for ep in range(3)}
+
+    src = V21Source.open(rec)
+    src.hash_ahead([0, 1, 2, 7])  # 7 is not recorded: left for content_hash to report
+    assert sorted(src._hashed_ahead) == [0, 1, 2]
+    assert {ep: job.result() for ep, (_, job) in src._hashed_ahead.items()} == expected
+    assert src.content_hash(0) == expected[0]
+    parquet = src.parquet_path(1)  # rewritten after it was hashed ahead
+    data = bytearray(parquet.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    parquet.write_bytes(bytes(data))
+    os.utime(parquet, ns=(parquet.stat().st_atime_ns, parquet.stat().st_mtime_ns + 10**9))
+    changed = src.content_hash(1)
+    assert changed != expected[1] and changed == V21Source.open(rec).content_hash(1)
+    src.video_path(2, "observation.images.laptop").unlink()
+    with pytest.raises(FileNotFoundError):  # gone since: named by hashing it here, as without hash_ahead
+        src.content_hash(2)
+    # the child answers None for a group it cannot read (content_hash then hashes here and names the file)
+    jobs = group_digests_in_child([[str(src.parquet_path(0))], [str(tmp_path / "missing")]])
+    assert [j.result(timeout=30) for j in jobs] == [hashlib.sha256(
+        hashlib.sha256(src.parquet_path(0).read_bytes()).digest()).hexdigest(), None]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,12 +44,18 @@ class _NoPandas:
         return None
 
 
-def without_pandas() -> None:
-    """pyarrow imports pandas (~0.3 s) the first time it converts a numpy array, only to ask whether the
-    value is a pandas object; the store commands never use pandas (lerobot's deep check runs in its own
-    process), so this process tells pyarrow there is none."""
+def lean_process() -> None:
+    """What a store command's process leaves out, set before pyarrow and numpy are imported.
+
+    - pandas: pyarrow imports it (~0.3 s) the first time it converts a numpy array, only to ask whether the
+      value is a pandas object; the store commands never use pandas (lerobot's deep check runs in its own
+      process), so this process tells pyarrow there is none.
+    - OpenBLAS threads: numpy starts one per core, and they spin for a while at start-up (~50 ms of CPU,
+      the core the other start-up work would use); the store commands make no BLAS calls worth threads."""
     if "pandas" not in sys.modules and not any(isinstance(f, _NoPandas) for f in sys.meta_path):
         sys.meta_path.insert(0, _NoPandas())
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def print_ingest(r: IngestReport) -> None:
@@ -105,18 +112,22 @@ def _exit_code(r: IngestReport) -> int:
 
 
 def _convert(a: argparse.Namespace) -> int:
-    without_pandas()
+    lean_process()
+    from conveyor.source import V21Source
+
+    src = V21Source.open(a.src)
+    src.hash_ahead(sorted(src.episode_records()))  # in a child process, while the imports below run
     from conveyor.ingest import convert
 
     with progress_bar("converting") as cb:
-        r = convert(Path(a.src), resolve_store(a, a.dst, new=True), task=a.task, data_mb=a.data_mb,
+        r = convert(src, resolve_store(a, a.dst, new=True), task=a.task, data_mb=a.data_mb,
                     video_mb=a.video_mb, overwrite=a.overwrite, progress=cb)
     print_ingest(r)
     return _exit_code(r)
 
 
 def _ingest(a: argparse.Namespace) -> int:
-    without_pandas()
+    lean_process()
     from conveyor.pending import nothing_new
 
     r = nothing_new(a.src, a.store)  # the common case, without importing pyarrow/numpy/PyAV
@@ -134,7 +145,7 @@ def _ingest(a: argparse.Namespace) -> int:
 
 
 def _validate(a: argparse.Namespace) -> int:
-    without_pandas()
+    lean_process()
     from conveyor.validate import validate_deep, validate_fast
 
     r = (validate_deep if a.deep else validate_fast)(resolve_store(a, a.store), against=a.against)
@@ -143,7 +154,7 @@ def _validate(a: argparse.Namespace) -> int:
 
 
 def _compact(a: argparse.Namespace) -> int:
-    without_pandas()
+    lean_process()
     from conveyor.compact import compact
 
     with progress_bar("compacting") as cb:
