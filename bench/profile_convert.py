@@ -35,20 +35,24 @@ def main(argv: list[str]) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="profile-convert-"))
     try:
         conveyor = [sys.executable, "-m", "conveyor.cli"]
-        total = min(child_cpu(conveyor + ["convert", str(rec), str(tmp / f"out{i}")]) for i in range(2))
-        imports = min(child_cpu([sys.executable, "-c", "import conveyor.cli.store, conveyor.ingest"]) for _ in range(3))
+        total = min(child_cpu(conveyor + ["convert", str(rec), str(tmp / f"out{i}")]) for i in range(3))
+        # as the command imports them (lean_process: no OpenBLAS threads)
+        imports = min(child_cpu([sys.executable, "-c", "from conveyor.cli.store import lean_process; lean_process(); "
+                                 "import conveyor.ingest"]) for _ in range(3))
 
         import pyarrow.parquet as pq
 
         from conveyor import stats as st
+        from conveyor.fileio import sha256_file
         from conveyor.source import V21Source
-        from conveyor.video import concat, probe
+        from conveyor.video import StreamCopy, probe
 
         src = V21Source.open(rec)
         ready, _ = src.scan(probe_videos=False)
         cpu: dict[str, float] = dict.fromkeys(
-            ["read rows (parquet)", "demux (probe packets)", "decode stats keyframes", "camera stats (histograms)",
-             "sha256 of source files", "stream copy (concat + spans)"], 0.0)
+            ["read rows (parquet)", "demux (probe packets, kept for the copy)", "decode stats keyframes",
+             "camera stats (histograms)", "sha256 of source files (a child process, during start-up)",
+             "stream copy (mux the kept packets + spans)", "sha256 of the written videos (staging)"], 0.0)
         frames_decoded = 0
 
         def timed(key, fn, *a, **k):
@@ -57,19 +61,24 @@ def main(argv: list[str]) -> int:
             cpu[key] += time.process_time() - t
             return out
 
+        copies = {key: StreamCopy(tmp / f"{key}.mp4") for key in src.video_keys}
         for ep in ready:
             timed("read rows (parquet)", lambda: pq.ParquetFile(ep.parquet).read())
-            for path in ep.videos.values():
-                timed("demux (probe packets)", probe, path)
+            for key, path in ep.videos.items():
+                packets: list = []
+                pr = timed("demux (probe packets, kept for the copy)", probe, path, packets=packets)
                 t = time.process_time()
-                _, frames = probe(path, sample=st.CAMERA_SAMPLES)
+                _, frames = probe(path, sample=st.CAMERA_SAMPLES, packets=[])
                 cpu["decode stats keyframes"] += time.process_time() - t
                 frames_decoded += len(frames)
                 timed("camera stats (histograms)", st.image_stats, frames)
-            timed("sha256 of source files", src.content_hash, ep.index)
-        cpu["decode stats keyframes"] -= cpu["demux (probe packets)"]  # probe(sample) demuxes too
-        for key in src.video_keys:
-            timed("stream copy (concat + spans)", concat, [ep.videos[key] for ep in ready], tmp / f"{key}.mp4")
+                timed("stream copy (mux the kept packets + spans)", copies[key].add, path, pr, packets)
+            timed("sha256 of source files (a child process, during start-up)", src.content_hash, ep.index)
+        # probe(sample) demuxes too (its frames come back as RGB: the conversion counts as decoding)
+        cpu["decode stats keyframes"] -= cpu["demux (probe packets, kept for the copy)"]
+        for key, copy in copies.items():
+            timed("stream copy (mux the kept packets + spans)", copy.close)
+            timed("sha256 of the written videos (staging)", sha256_file, tmp / f"{key}.mp4")
 
         steps = sum(cpu.values())
         print(f"recording: {rec} ({len(ready)} episodes, {len(src.video_keys)} cameras, "
@@ -82,7 +91,8 @@ def main(argv: list[str]) -> int:
         for k, v in cpu.items():
             print(f"| {k} | {v:.2f} | {v / total:.0%} |")
         rest = total - imports - steps
-        print(f"| rest (rows renumbering, parquet/meta writes, threads, commit) | {rest:.2f} | {rest / total:.0%} |")
+        print(f"| rest (rows renumbering, row stats, parquet/meta writes, threads, commit) | {rest:.2f} | "
+              f"{rest / total:.0%} |")
         print(f"\n{frames_decoded} keyframes decoded: {cpu['decode stats keyframes'] / max(1, frames_decoded) * 1e3:.1f} "
               f"ms each")
     finally:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from conveyor import sizing, stats as st
 from conveyor.errors import BadEpisode, ConveyorError
 from conveyor.source import SourceEpisode, V21Source, check_video_length
-from conveyor.tables import column_array
+from conveyor.tables import column_array, int64_array
 from conveyor.video import VideoProbe, probe
 
 LOAD_THREADS = 2  # measured: halves a 40-episode convert's load time for +13 MB RSS
@@ -159,11 +159,11 @@ def prepare_episode(src: V21Source, ep: SourceEpisode, loaded: Loaded, episode_i
     cols = {}
     for f in schema:
         if f.name == "episode_index":
-            cols[f.name] = pa.array(np.full(n, episode_index, dtype=np.int64))
+            cols[f.name] = int64_array(np.full(n, episode_index))
         elif f.name == "index":
-            cols[f.name] = pa.array(np.arange(first_frame, first_frame + n, dtype=np.int64))
+            cols[f.name] = int64_array(np.arange(first_frame, first_frame + n))
         elif f.name == "task_index":
-            cols[f.name] = pa.array(new_task_idx)
+            cols[f.name] = int64_array(new_task_idx)
         else:
             col = table.column(f.name)
             if col.type == f.type:  # the usual case; cast() would import pyarrow.compute (~50 ms)

@@ -37,6 +37,13 @@ def data_schema(features: dict) -> pa.Schema:
     return pa.schema(fields, metadata=meta)
 
 
+def int64_array(values: np.ndarray) -> pa.Array:
+    """An int64 Arrow array over a numpy array's buffer. `pa.array(ndarray)` would be the same array, but it
+    asks whether the input is a numpy masked array, which imports numpy.ma (~10 ms of a 0.3 s append)."""
+    values = np.ascontiguousarray(values, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
 def column_array(table: pa.Table, key: str) -> np.ndarray:
     """(n,) or (n, d) numpy view of a scalar or vector column."""
     col = table.column(key).combine_chunks()
