@@ -175,15 +175,12 @@ def prepare_episode(src: V21Source, ep: SourceEpisode, loaded: Loaded, episode_i
                 raise BadEpisode(ep.parquet, f"column {f.name!r} has type {col.type}, expected {f.type}: {e}",
                                  ep.index) from None
     out = pa.table(cols, schema=schema)
-    ep_stats: dict = {}
     features = src.features
+    ep_stats = st.numeric_stats_many({key: column_array(out, key) for key, ft in features.items()
+                                      if ft["dtype"] not in ("video", "image")})
     for key, ft in features.items():
-        if ft["dtype"] == "video":
-            continue
         if ft["dtype"] == "image":
             ep_stats[key] = st.image_stats(st.png_frames(out.column(key).to_pylist()))
-        else:
-            ep_stats[key] = st.numeric_stats(column_array(out, key))
     ep_stats |= {k: cam.stats for k, cam in loaded.cameras.items()}
     tasks = sorted({task_list[i] for i in remap.values()}, key=task_list.index)
     return Prepared(ep, out, n, ep_stats, tasks, loaded.cameras, loaded.content_hash, loaded.fingerprint)

@@ -176,7 +176,8 @@ class _Checker:
             add(f"episode {ep}: {key} frames", ok, f"{len(seg)} frames in [{t0:.6f}, "
                 f"{row[f'videos/{key}/to_timestamp']:.6f}) for length {n}")
         # stats equal a recomputation from the stored rows and frames
-        recomputed = {}
+        recomputed = st.numeric_stats_many({key: column_array(data, key) for key, ft in self.features.items()
+                                            if ft["dtype"] not in ("video", "image")})
         for key, ft in self.features.items():
             if ft["dtype"] == "video":
                 seg = self.segment(row, key)
@@ -189,8 +190,6 @@ class _Checker:
                 recomputed[key] = st.image_stats(frames) if seg else {}
             elif ft["dtype"] == "image":
                 recomputed[key] = st.image_stats(st.png_frames(data.column(key).to_pylist()))
-            else:
-                recomputed[key] = st.numeric_stats(column_array(data, key))
         bad = st.equal(recomputed, stats_from_row(self.features, row), rtol=1e-6, atol=1e-6)
         add(f"episode {ep}: stats", not bad, ", ".join(bad[:5]))
         if self.src is not None and ledger_rec is not None and ledger_rec.source == str(self.src.root):

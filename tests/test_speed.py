@@ -211,3 +211,24 @@ def test_hashed_ahead_equals_hashing_now_and_a_file_changed_since_is_hashed_agai
     jobs = group_digests_in_child([[str(src.parquet_path(0))], [str(tmp_path / "missing")]])
     assert [j.result(timeout=30) for j in jobs] == [hashlib.sha256(
         hashlib.sha256(src.parquet_path(0).read_bytes()).digest()).hexdigest(), None]
+
+
+def test_a_reused_keyframe_decoder_gives_the_pixels_of_a_fresh_one(tmp_path):
+    """probe() decodes stats keyframes with one decoder per thread and codec parameters, across files; the
+    frames equal those validate decodes by seeking in each file with its own decoder (AV1, H.264 with
+    B-frames, two sizes interleaved)."""
+    import numpy as np
+
+    from conveyor.video import probe, sample_keyframes
+
+    spec = RecordingSpec(fps=30, cameras=(CameraSpec("observation.images.av1", 48, 64),
+                                          CameraSpec("observation.images.av1_big", 96, 128),
+                                          CameraSpec("observation.images.h264", 48, 64, codec="h264")))
+    w = RecordingWriter(tmp_path / "rec", spec)
+    files = [w.write_episode(ep, n) for ep, n in enumerate((9, 1, 30, 4))]
+    for f in files:
+        for key, path in f.videos.items():
+            pr, frames = probe(path, sample=3)
+            fresh = sample_keyframes(path, pr, pr.pts, 3)
+            assert len(frames) == len(fresh) >= 1
+            assert all(np.array_equal(a, b) for a, b in zip(frames, fresh)), (path, key)
