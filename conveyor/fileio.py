@@ -50,26 +50,32 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# one line of NUL-separated paths in, one line out: the hex sha256 over each file's sha256, or "!" and why not
-_GROUP_DIGESTS = r"""
-import hashlib, sys
-for line in sys.stdin:
+def group_digest(paths: list[str]) -> str:
+    """sha256 over the sha256 of each file, in order: one identity for a group of files (a source episode)."""
     h = hashlib.sha256()
-    try:
-        for p in line.rstrip("\n").split("\0"):
-            with open(p, "rb") as f:
-                h.update(hashlib.file_digest(f, "sha256").digest())
-        out = h.hexdigest()
-    except OSError as e:
-        out = "!" + str(e).replace("\n", " ")
-    sys.stdout.write(out + "\n")
-    sys.stdout.flush()
-"""
+    for p in paths:
+        with open(p, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
+def _serve_group_digests() -> None:
+    """The child of `group_digests_in_child`: one line of NUL-separated paths in, one line out (the group's
+    digest, or "!" and why not)."""
+    import sys
+
+    for line in sys.stdin:
+        try:
+            out = group_digest(line.rstrip("\n").split("\0"))
+        except OSError as e:
+            out = "!" + str(e).replace("\n", " ")
+        sys.stdout.write(out + "\n")
+        sys.stdout.flush()
 
 
 def group_digests_in_child(groups: list[list[str]]) -> list[Future]:
-    """Per group of files, a future of sha256 over each file's sha256 (None if a file could not be read),
-    computed by a child Python process so the hashing runs on another core whatever this process is doing:
+    """Per group of files, a future of its `group_digest` (None if a file could not be read), computed by a
+    child Python process so the hashing runs on another core whatever this process is doing:
     a thread here would need the GIL back after every chunk and crawls while this process imports modules
     (measured: a 178 MB recording hashed at ~0.45 s instead of 0.15 s during a convert's start-up)."""
     import subprocess
@@ -80,7 +86,8 @@ def group_digests_in_child(groups: list[list[str]]) -> list[Future]:
     jobs = [Future() for _ in groups]
     if not groups:
         return jobs
-    child = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GROUP_DIGESTS], stdin=subprocess.PIPE,
+    # this file as a script: it imports only the standard library, so the child needs no site-packages
+    child = subprocess.Popen([sys.executable, "-I", "-S", __file__], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="surrogateescape")
 
     def feed() -> None:
@@ -100,3 +107,7 @@ def group_digests_in_child(groups: list[list[str]]) -> list[Future]:
     threading.Thread(target=feed, name="hash-ahead-feed", daemon=True).start()
     threading.Thread(target=collect, name="hash-ahead", daemon=True).start()
     return jobs
+
+
+if __name__ == "__main__":
+    _serve_group_digests()

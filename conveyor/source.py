@@ -7,7 +7,6 @@ frame count (parquet rows = `length` = video packets). Also the source side of i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conveyor.errors import BadEpisode, ConveyorError
-from conveyor.fileio import group_digests_in_child
+from conveyor.fileio import group_digest, group_digests_in_child
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -169,11 +168,7 @@ class V21Source:
             digest = job.result()
             if digest is not None and before == self.fingerprint(ep):
                 return digest
-        h = hashlib.sha256()
-        for p in self.episode_paths(ep):
-            with open(p, "rb") as f:
-                h.update(hashlib.file_digest(f, "sha256").digest())
-        return h.hexdigest()
+        return group_digest(self.episode_paths(ep))
 
     def hash_ahead(self, episodes: list[int]) -> None:
         """Start hashing these episodes' files in a child process, for `content_hash` to pick up.
