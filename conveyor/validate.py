@@ -29,7 +29,7 @@ from conveyor.ledger import LedgerRecord
 from conveyor.reports import ValidationReport
 from conveyor.source import V21Source
 from conveyor.store import Store
-from conveyor.tables import column_array, read_tasks, stats_from_row
+from conveyor.tables import numeric_stats, read_tasks, stats_from_row
 from conveyor.video import VideoProbe, decode_frames, probe, sample_keyframes
 
 # what damaged media and tables raise; a check turns them into a FAIL line naming the file
@@ -176,8 +176,7 @@ class _Checker:
             add(f"episode {ep}: {key} frames", ok, f"{len(seg)} frames in [{t0:.6f}, "
                 f"{row[f'videos/{key}/to_timestamp']:.6f}) for length {n}")
         # stats equal a recomputation from the stored rows and frames
-        recomputed = st.numeric_stats_many({key: column_array(data, key) for key, ft in self.features.items()
-                                            if ft["dtype"] not in ("video", "image")})
+        recomputed = numeric_stats(data, self.features)
         for key, ft in self.features.items():
             if ft["dtype"] == "video":
                 seg = self.segment(row, key)
