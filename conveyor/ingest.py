@@ -333,14 +333,13 @@ class VideoWriter:
         """Wait for the copies, close the last file of each camera; (file, from, to) per camera and episode.
         The last files are still being hashed for the commit (~1 s per GB) while the caller writes the episode
         metadata; `staged` waits for them."""
-        for f in self.jobs:
-            f.result()
+        self.staged()  # the copies so far (and the hashing of files already full)
         for f in [self.threads[k].submit(self._close, k) for k in self.keys if self.open[k] is not None]:
             f.result()
         return self.spans
 
     def staged(self) -> None:
-        """Wait until every video file is staged in the commit (hashed)."""
+        """Wait for every job so far: once `finish` has run, every video file is staged in the commit."""
         for f in self.jobs:
             f.result()
 
