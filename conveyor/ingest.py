@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from conveyor import layout, sizing, stats as st
 from conveyor.episodes import write_episodes
 from conveyor.errors import ConveyorError
+from conveyor.fileio import start_writeback
 from conveyor.ledger import LedgerRecord
 from conveyor.quarantine import record_quarantine
 from conveyor.prepare import PacketCap, Prepared, load_ahead, prepare_episode
@@ -318,6 +319,7 @@ class VideoWriter:
         self.open[key][1].add(p.src.videos[key], cam.probe, cam.packets.packets if cam.packets else None)
         if cam.packets:
             cam.packets.release()
+        start_writeback(self.open[key][1].tmp)
         self.size[key] += sizing.mp4_bytes(p.src.videos[key])
         if sizing.is_full(self.size[key], self.limit):
             self._close(key)

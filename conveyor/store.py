@@ -4,7 +4,8 @@ lerobot globs every parquet under `data/` and `meta/episodes/`, so a stray file 
 commit therefore stages its files under `.conveyor/staging/<id>/`, then writes a commit record (the
 atomic commit point), then renames the staged files into place with `meta/info.json` last, then moves
 `HEAD`. Opening a store finishes a recorded commit (roll forward) and deletes staging without a record
-(roll back), so `kill -9` at any moment leaves either the old or the new state.
+(roll back), so `kill -9` at any moment leaves either the old or the new state. Staged files are flushed
+to disk (`fdatasync`) and their folders synced before the record is written, so a power loss does too.
 
 Committed data, video and episode-metadata files are immutable: appends add new files and compaction
 replaces whole files in one commit. That is what makes appends O(new episodes) and hard-link snapshots
@@ -84,13 +85,16 @@ class Commit:
         return p
 
     def staged(self, rel: str) -> None:
-        """Record a staged file written at `path(rel)` (hashing it now, while it is in page cache)."""
+        """Record a staged file written at `path(rel)`: flushed to disk, and hashed while it is in page cache.
+        Called on the thread that wrote the file, so the flushes of several files overlap."""
         p = self.dir / rel
-        self.add[rel] = FileEntry(p.stat().st_size, sha256_file(p))
+        self.add[rel] = FileEntry(p.stat().st_size, sha256_file(p, sync=True))
 
     def write(self, rel: str, data: bytes) -> None:
-        p = self.path(rel)
-        p.write_bytes(data)
+        with open(self.path(rel), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fdatasync(f.fileno())
         self.add[rel] = FileEntry(len(data), hashlib.sha256(data).hexdigest())
 
     def delete(self, rels: list[str]) -> None:

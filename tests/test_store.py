@@ -382,6 +382,45 @@ def test_sigkill_at_random_times_then_rerun(crash_source, crash_base, tmp_path):
         assert Store.open(store).version.total_episodes == 4
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (.ci/run installs it)")
+def test_a_commit_flushes_every_file_it_adds_before_its_record(crash_source, crash_base, tmp_path):
+    """Power loss cannot be staged here, so watch the system calls: every file the commit makes visible is
+    fdatasync'd, and its folder fsync'd, before the commit record is renamed into place."""
+    store = tmp_path / "store"
+    shutil.copytree(crash_base, store)
+    trace = tmp_path / "strace.txt"
+    r = subprocess.run(["strace", "-f", "-y", "-e", "trace=fdatasync,fsync,rename,renameat,renameat2", "-o",
+                        str(trace)] + CLI + ["ingest", str(crash_source), str(store)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    commits = sorted((store / ".conveyor" / "commits").glob("*.json"))
+    record = json.loads(commits[-1].read_text())
+    staging = store.resolve() / ".conveyor" / "staging" / record["id"]
+    lines = trace.read_text().splitlines()
+    point = next(i for i, l in enumerate(lines) if "rename" in l and f'{commits[-1].resolve()}"' in l)
+    synced, dirs = _completed(lines[:point], "fdatasync"), _completed(lines[:point], "fsync")
+    added = [str(staging / rel) for rel in record["add"]]
+    assert {"data/chunk-000/file-001.parquet", "meta/info.json"} <= set(record["add"])
+    assert [p for p in added if p not in synced] == []
+    assert [p for p in added if str(Path(p).parent) not in dirs] == []
+
+
+def _completed(lines: list[str], call: str) -> set[str]:
+    """Paths (strace -y) whose `call` returned 0 within these lines; with -f a call may be split into an
+    `<unfinished ...>` line and a `<... call resumed>` line of the same pid."""
+    done, pending = set(), {}
+    for line in lines:
+        pid, rest = line.split(" ", 1)
+        if rest.startswith(f"{call}("):
+            path = rest.split("<", 1)[1].split(">", 1)[0]
+            if rest.endswith("<unfinished ...>"):
+                pending[pid] = path
+            elif rest.rstrip().endswith("= 0"):
+                done.add(path)
+        elif rest.startswith(f"<... {call} resumed>") and rest.rstrip().endswith("= 0") and pid in pending:
+            done.add(pending.pop(pid))
+    return done
+
+
 # -- bad input -------------------------------------------------------------------------------------------
 
 def _cli(*args):
