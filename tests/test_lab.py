@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conveyor.cli import build_parser, main
+from conveyor.cli import COMMANDS, _command, build_parser, main
 from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter, write_recording
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,6 +254,24 @@ def test_every_option_has_help_and_shows_its_default():
     assert not missing and not hidden, (missing, hidden)
     top = build_parser().format_help()
     assert "conveyor show" in top and "store name" in top.lower()
+
+
+def test_a_command_parses_with_only_its_module_and_the_same_as_with_all():
+    """`conveyor ingest ...` builds only conveyor.cli.store's parser: the command map must name, for every
+    command, the module that registers it, and parsing with that one module must give what the whole
+    parser gives."""
+    whole = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert sorted(COMMANDS) == sorted(whole)
+    for command in COMMANDS:
+        alone = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction))
+        assert command in alone.choices, (command, COMMANDS[command])
+    argv = ["--config", "c.toml", "ingest", "SRC", "STORE"]
+    assert _command(argv) == "ingest" and _command(["--help"]) is None and _command(["nope"]) == "nope"
+    assert vars(build_parser("ingest").parse_args(argv)) == vars(build_parser().parse_args(argv))
+    r = subprocess.run(CLI + ["nope"], capture_output=True, text=True)  # an unknown word: the whole list
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr and "publish" in r.stderr, r.stderr
+    r = subprocess.run(CLI + ["ingest", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage: conveyor ingest" in r.stdout, r.stderr
 
 
 # -- errors: `conveyor train` fails in one line and links its run --------------------------------------------
