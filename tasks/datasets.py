@@ -8,15 +8,14 @@ from prefect import get_run_logger, task
 
 from conveyor.datasets.publish import PublishReport, publish
 from conveyor.datasets.resolve import release_pin
-from conveyor.settings import load_settings
-from tasks.repo import repo_from_settings
+from tasks.repo import load_storage_settings, repo_from_settings
 from tasks.retry import RETRY
 
 
 @task(name="publish-version", **RETRY)
 def publish_task(store_name: str, store_path: Path, config: str | None = None) -> PublishReport | None:
     """Publish the store's committed version to storage_url (incremental; a no-op when already there)."""
-    settings = load_settings(config)
+    settings = load_storage_settings(config)
     log = get_run_logger()
     if not settings.storage_url:
         log.warning("%s: no storage_url set, the new version is not published (other machines cannot train on it)",
@@ -35,6 +34,6 @@ def publish_task(store_name: str, store_path: Path, config: str | None = None) -
 @task(name="release-dataset-pin", **RETRY)
 def release_pin_task(run_name: str, run_dir: Path, archive_url: str | None, config: str | None = None) -> None:
     """The run finished: its dataset version no longer has to outlive the retention rule."""
-    pin = release_pin(load_settings(config), run_name, Path(run_dir), archive_url)
+    pin = release_pin(load_storage_settings(config), run_name, Path(run_dir), archive_url)
     if pin is not None:
         get_run_logger().info("run %s finished on %s %s; pin released", run_name, pin.store, pin.version.short)

@@ -1,18 +1,22 @@
-"""Opening a repository from the Prefect layer: settings plus, when one is named, a prefect-aws credentials
-block turned into a boto3 session (the domain side, `conveyor.repo.open_configured_repo`, never imports
-prefect; this module imports it only when a block is named)."""
+"""Settings and repositories from the Prefect layer: a named prefect-aws credentials block resolved into plain
+S3 settings (the domain side, `conveyor.repo.open_configured_repo`, never imports prefect; this module imports
+it only when a block is named).
+
+Every task hands the domain code settings from `storage_settings`, so each repository it opens uses the block:
+backups and scrubs, and also a training run's dataset versions, pins and checkpoint archive."""
 from __future__ import annotations
 
-from typing import Any
+from pydantic import SecretStr
 
 from conveyor.errors import ConveyorError
 from conveyor.repo import Repo, open_configured_repo
-from conveyor.settings import Settings, load_settings
+from conveyor.settings import S3Settings, Settings, load_settings
 
 
-def boto3_session_from_block(name: str) -> tuple[Any, str | None]:
-    """A prefect-aws `AwsCredentials` block (or an `S3Bucket` block, using its credentials) -> a boto3
-    Session and the block's endpoint_url. `name` may be `block-type-slug/name` for any such block."""
+def s3_from_block(name: str, s3: S3Settings) -> S3Settings:
+    """`s3` with a prefect-aws `AwsCredentials` block's credentials, region and endpoint (or an `S3Bucket`
+    block's credentials; `name` may be `block-type-slug/name` for any such block). Fields set in conveyor's
+    own settings win over the block's."""
     from prefect.blocks.core import Block
     from prefect_aws import AwsCredentials, S3Bucket
 
@@ -22,19 +26,37 @@ def boto3_session_from_block(name: str) -> tuple[Any, str | None]:
         raise ConveyorError(f"block {name!r}", f"cannot load the AWS credentials block: {e}") from None
     if isinstance(block, S3Bucket):
         block = block.credentials
-    if not hasattr(block, "get_boto3_session"):
+    if not isinstance(block, AwsCredentials):
         raise ConveyorError(f"block {name!r}", "not an AwsCredentials or S3Bucket block")
-    params = getattr(block, "aws_client_parameters", None)
-    return block.get_boto3_session(), getattr(params, "endpoint_url", None)
+
+    def secret(value) -> SecretStr | None:
+        plain = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return SecretStr(plain) if plain else None
+
+    params = block.aws_client_parameters
+    from_block = {"access_key_id": secret(block.aws_access_key_id),
+                  "secret_access_key": secret(block.aws_secret_access_key),
+                  "session_token": secret(block.aws_session_token), "profile": block.profile_name,
+                  "region": block.region_name, "endpoint_url": params.endpoint_url if params else None}
+    mine = {k for k, v in s3.model_dump().items() if v is not None}
+    return s3.model_copy(update={**{k: v for k, v in from_block.items() if v is not None and k not in mine},
+                                 "aws_credentials_block": None})
+
+
+def storage_settings(settings: Settings) -> Settings:
+    """`settings` with its credentials block (if one is named) applied, so the domain code needs no Prefect."""
+    if not settings.s3.aws_credentials_block:
+        return settings
+    return settings.model_copy(update={"s3": s3_from_block(settings.s3.aws_credentials_block, settings.s3)})
+
+
+def load_storage_settings(config: str | None) -> Settings:
+    return storage_settings(load_settings(config))
 
 
 def repo_from_settings(settings: Settings, url: str | None = None) -> Repo:
     """The repository at `url` (default storage_url), with the credentials block applied when one is named."""
-    url = url or settings.storage_url
-    session = endpoint = None
-    if url.startswith("s3://") and settings.s3.aws_credentials_block:
-        session, endpoint = boto3_session_from_block(settings.s3.aws_credentials_block)
-    return open_configured_repo(settings, url, session=session, endpoint_url=endpoint)
+    return open_configured_repo(storage_settings(settings), url)
 
 
 def open_repo_for(config: str | None, url: str | None = None) -> Repo:

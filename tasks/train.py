@@ -11,12 +11,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from conveyor.settings import load_settings
 from conveyor.training.attempt import TrainResult, run_attempt
 from conveyor.training.preflight import TrainPlan, preflight
 from conveyor.training.request import TrainRequest
 from conveyor.training.lerobot_train import StepMetrics
 from tasks.artifacts import Progress, slug
+from tasks.repo import load_storage_settings
 from tasks.views import ConfigDump, fresh_start_command, loss_markdown
 
 
@@ -24,7 +24,7 @@ from tasks.views import ConfigDump, fresh_start_command, loss_markdown
 def preflight_task(request: TrainRequest, run_name: str, config: str | None = None) -> TrainPlan:
     """Refuse a bad request before any GPU time is spent (one sentence), else the resolved plan."""
     log = get_run_logger()
-    plan = preflight(request, load_settings(config), run_name=run_name, log=log.info)
+    plan = preflight(request, load_storage_settings(config), run_name=run_name, log=log.info)
     log.info("run %s: %s on %s (%s), recipe %s (%s), batch %d, %d steps, video backend %s, lerobot %s (%s)",
              plan.run_name, plan.policy_type, plan.dataset_root,
              plan.dataset_version.short if plan.dataset_version else "no ledger", plan.recipe, plan.recipe_reason,
@@ -54,7 +54,8 @@ def run_task(plan: TrainPlan, config: str | None = None) -> TrainResult:
         progress(m.step, total, f"step {m.step}/{total}, loss {m.loss:.4g}, {m.samples_per_s:.1f} samples/s")
 
     try:
-        result = run_attempt(plan, load_settings(config), log=log.info, on_line=ConfigDump(plan.run_name, log.info),
+        result = run_attempt(plan, load_storage_settings(config), log=log.info,
+                             on_line=ConfigDump(plan.run_name, log.info),
                              on_metrics=on_metrics)
     finally:
         if rows:
@@ -92,7 +93,7 @@ def evaluate_task(run: str, episodes: list[int] | None = None, config: str | Non
     """Offline evaluation of a run's checkpoint on held-out episodes; per-joint MAE/MSE as a table."""
     from conveyor.training.evaluate import evaluate
 
-    report = evaluate(run, load_settings(config), episodes=episodes, checkpoint=checkpoint)
+    report = evaluate(run, load_storage_settings(config), episodes=episodes, checkpoint=checkpoint)
     get_run_logger().info("%s", report.summary())
     create_table_artifact(report.table(), key=f"evaluate-{slug(report.run)}",
                           description=f"{report.run} step {report.step}: per-joint error on episodes "

@@ -178,6 +178,55 @@ def test_materialize_from_s3_on_a_worker_without_the_store(lab, tmp_path, s3_end
     assert again.version == first.version and again.root == first.root and again.materialized.reused
 
 
+def test_a_credentials_block_reaches_the_training_runs_storage(lab, tmp_path, s3_endpoint, prefect_server):
+    """A lab that keeps its object-storage endpoint and keys only in a prefect-aws block (`s3.aws_credentials_block`)
+    publishes through it, and a GPU worker that has nothing else configured finds, pins and fetches the version
+    through it too: the training tasks hand conveyor.training settings with the block applied. Settings with
+    the block named but not applied are refused in one sentence, never sent to other credentials."""
+    import uuid
+
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from conveyor.settings import load_settings
+    from conveyor.training.request import TrainRequest
+    from tasks.repo import load_storage_settings
+    from tasks.train import preflight_task
+
+    src, store = lab
+    block = f"lab-minio-{uuid.uuid4().hex[:8]}"
+    AwsCredentials(aws_access_key_id="block-key-id-0001", aws_secret_access_key="block-secret-0002",
+                   region_name="us-east-1",
+                   aws_client_parameters=AwsClientParameters(endpoint_url=s3_endpoint)).save(block)
+    url = f"s3://{new_bucket(s3_endpoint)}/lab-objects"
+
+    def config(machine: str, store_root: Path) -> str:
+        cfg = tmp_path / f"{machine}.toml"
+        cfg.write_text(f'store_root = "{store_root}"\nwork_dir = "{tmp_path / machine / "work"}"\n'
+                       f'cache_dir = "{tmp_path / machine / "cache"}"\nstorage_url = "{url}"\n'
+                       f'[s3]\naws_credentials_block = "{block}"\n')
+        return str(cfg)
+
+    lab_cfg, gpu_cfg = config("lab", store.parent), config("gpu", tmp_path / "gpu" / "stores")
+    assert cli(["--config", lab_cfg, "publish", "lab"]) == 0
+    applied = load_storage_settings(gpu_cfg).s3
+    assert applied.endpoint_url == s3_endpoint and applied.aws_credentials_block is None
+    assert applied.access_key_id.get_secret_value() == "block-key-id-0001"
+    assert applied.secret_access_key.get_secret_value() == "block-secret-0002"
+
+    request = TrainRequest(store="lab", policy_type="act", device="cpu", steps=1, options=dict(TINY_ACT))
+    plan = preflight_task(request, "blocked-run", gpu_cfg)
+    assert plan.dataset_version == Store.open(store).version
+    assert Path(plan.dataset_root).is_relative_to(tmp_path / "gpu" / "cache")
+    assert tree(Path(plan.dataset_root)) == dataset_files(store)
+    pinned = json.loads(raw_object("s3", url, s3_endpoint, "runs/blocked-run/dataset.json"))
+    assert pinned["version"]["content_hash"] == Store.open(store).version.content_hash
+
+    with pytest.raises(ConveyorError, match=f"aws_credentials_block `{block}` is named but was not applied"):
+        resolve_dataset("lab", None, load_settings(gpu_cfg), run="r2", run_dir=tmp_path / "gpu" / "r2",
+                        archive_url=url, log=lambda m: None)
+
+
 def test_hardlink_materialization_on_the_stores_filesystem(lab, tmp_path):
     src, store = lab
     grow(src, store, range(3, 4))
@@ -283,6 +332,29 @@ def test_bad_inputs_are_refused_before_training(lab, tmp_path):
         resolve(run="m")
     _one_sentence(e.value)
     assert not (tmp_path / "w" / "cache" / "lab").exists() or not any((tmp_path / "w" / "cache" / "lab").iterdir())
+
+
+def test_object_storage_failures_refuse_the_run_in_one_sentence(lab, tmp_path, s3_endpoint):
+    """The storage a worker resolves its dataset version from fails before any training starts: a bucket
+    that does not exist, an endpoint that does not answer. One sentence that names the storage; nothing is
+    left in the worker's cache."""
+    from conveyor.processes import free_port
+
+    def resolve(url: str, endpoint: str, run: str):
+        worker = settings_for(tmp_path / "w", store_root=tmp_path / "w" / "stores", storage_url=url,
+                              s3=S3Settings(endpoint_url=endpoint))
+        return resolve_dataset("lab", None, worker, run=run, run_dir=tmp_path / "w" / run, archive_url=url,
+                               log=lambda m: None)
+
+    with pytest.raises(ConveyorError, match="bucket does not exist") as e:
+        resolve("s3://no-such-bucket-conveyor/lab", s3_endpoint, "b")
+    assert "s3://no-such-bucket-conveyor/lab" in _one_sentence(e.value)
+
+    t0 = time.monotonic()
+    with pytest.raises(ConveyorError, match="cannot reach the S3 endpoint") as e:
+        resolve(f"s3://{new_bucket(s3_endpoint)}/lab", f"http://127.0.0.1:{free_port()}", "d")
+    assert "/lab" in _one_sentence(e.value) and time.monotonic() - t0 < 60, "a refused connection fails fast"
+    assert not (tmp_path / "w" / "cache").exists() or not any((tmp_path / "w" / "cache").rglob("*.parquet"))
 
 
 def test_ingest_flow_publishes_each_commit(prefect_server, tmp_path):

@@ -24,20 +24,20 @@ def open_repo(url: str, settings: S3Settings | None = None, transfer: TransferSe
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise ConveyorError(url, "s3:// URL needs a bucket, e.g. s3://my-bucket/conveyor")
+        if settings is not None and settings.aws_credentials_block:  # never silently use other credentials
+            raise ConveyorError(url, f"s3.aws_credentials_block `{settings.aws_credentials_block}` is named but "
+                                     "was not applied: this code path opened storage without the Prefect layer's "
+                                     "tasks.repo.storage_settings (a conveyor bug; please report it)")
         return S3Repo(bucket, prefix, settings, transfer, session)
     raise ConveyorError(url, "unsupported storage URL: use file:///path or s3://bucket/prefix")
 
 
-def open_configured_repo(settings, url: str | None = None, *, session: Any = None,
-                         endpoint_url: str | None = None) -> Repo:
+def open_configured_repo(settings, url: str | None = None) -> Repo:
     """The repository at `url` (default `settings.storage_url`) with the configured S3 endpoint, credentials
-    and transfer settings. `session`/`endpoint_url`: a boto3 Session and endpoint the Prefect layer built
-    from a credentials block (`tasks.repo`); the configured endpoint wins over the block's."""
+    and transfer settings. A named Prefect credentials block must already be applied to `settings.s3`
+    (`tasks.repo.storage_settings`: the Prefect layer's job)."""
     url = url or settings.storage_url
     if not url:
         raise ConveyorError(settings.config_path or "settings",
                             "no storage_url is set; set storage_url to file:///path or s3://bucket/prefix")
-    s3 = settings.s3
-    if endpoint_url and not s3.endpoint_url:
-        s3 = s3.model_copy(update={"endpoint_url": endpoint_url})
-    return open_repo(url, s3, settings.transfer, session=session)
+    return open_repo(url, settings.s3, settings.transfer)
