@@ -24,7 +24,6 @@ from pydantic import BaseModel, Field
 from conveyor.errors import ConveyorError
 from conveyor.version import DatasetVersion
 from conveyor.scrub import FileDamage, Progress, ScrubReport, _check, hash_file, scrub
-from conveyor.fileio import fsync_dir
 from conveyor.store import Store, crashpoint
 # the backup internals repair relies on, all in one place: list snapshots, read one, fetch a file's bytes
 from conveyor.backup import ManifestFile, read_manifest, snapshot_ids
@@ -147,11 +146,7 @@ def repair(store: str | Path, repo: Repo, *, found: ScrubReport | None = None,
                     report.lost.append(d)
                     continue
                 crashpoint("repair:staged")
-                target = s.root / d.path
-                with s._apply_lock(shared=False):  # noqa: SLF001 - the same rename lock a commit holds
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(staged, target)
-                    fsync_dir(target.parent)
+                s.restore_committed(d.path, staged)
                 crashpoint("repair:renamed")
                 report.healed.append(Healed(path=d.path, snapshot=source, episodes=d.episodes,
                                             whole_store=d.whole_store, camera=d.camera, problem=d.problem))

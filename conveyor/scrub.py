@@ -11,14 +11,12 @@ commit replaced or removed is not damage.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -145,23 +143,6 @@ def _check(root: Path, rel: str, entry: FileEntry, tick=None) -> FileDamage | No
     return None
 
 
-@contextmanager
-def committed_view(s: Store) -> Iterator[None]:
-    """Hold the shared apply lock (no commit renames files meanwhile); a read-only store needs none."""
-    try:
-        cm = s._apply_lock(shared=True)  # noqa: SLF001 - the store's own reader lock, as snapshot() uses it
-        cm.__enter__()
-    except OSError as e:
-        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise
-        yield
-        return
-    try:
-        yield
-    finally:
-        cm.__exit__(None, None, None)
-
-
 def _on_disk(root: Path) -> set[str]:
     """Every regular file of the dataset (not `.conveyor/` internals)."""
     out = set()
@@ -178,7 +159,7 @@ def verify_files(s: Store, rels: list[str] | None = None, *, progress: Progress 
     """Hash `rels` (default: every committed file) against the manifest and list extras when scanning all.
 
     Returns (problems, files, bytes, version), each problem confirmed under the apply lock."""
-    with committed_view(s):
+    with s.committed_view():
         manifest, version = s.manifest(), s.version
     todo = sorted(manifest) if rels is None else [r for r in rels if r in manifest]
     total = sum(manifest[r].size for r in todo)
@@ -199,7 +180,7 @@ def verify_files(s: Store, rels: list[str] | None = None, *, progress: Progress 
     if not suspects and not extras:
         return [], len(todo), total, version
     # confirm under the lock, against the manifest of the commit that is current now
-    with committed_view(s):
+    with s.committed_view():
         now, version = s.manifest(), s.version
         confirmed = []
         for d in suspects:  # a file a concurrent commit removed is gone by design; one it replaced is re-read

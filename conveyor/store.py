@@ -257,6 +257,33 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
+    @contextmanager
+    def committed_view(self) -> Iterator[None]:
+        """No commit renames files while this is held (the shared apply lock), so the manifest and the files
+        read under it agree; a read-only store (no lock file can be taken) has no writer to wait for."""
+        try:
+            cm = self._apply_lock(shared=True)
+            cm.__enter__()
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            yield
+            return
+        try:
+            yield
+        finally:
+            cm.__exit__(None, None, None)
+
+    def restore_committed(self, rel: str, staged: Path) -> None:
+        """Put back a committed file's exact bytes (scrub's repair: `staged` is flushed and already checked
+        against the sha256 its commit recorded). Renamed under the lock a commit's renames hold; no new
+        version, since the content is what was committed."""
+        target = self.root / rel
+        with self._apply_lock(shared=False):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, target)
+            fsync_dir(target.parent)
+
     # -- committing ------------------------------------------------------------------------------------
 
     @contextmanager
