@@ -135,3 +135,11 @@ def test_runner_drives_lerobot_044_train_and_resumes(store, lerobot_044, tmp_pat
     run_json = json.loads((Path(second.output_dir) / "run.json").read_text())
     assert run_json["versions"]["lerobot"] == "0.4.4" and run_json["versions"]["python"].startswith("3.11.")
     assert run_json["train_config"]["steps"] == 4 and "eval_freq" in run_json["train_config"]
+    # evaluation loads the checkpoint with the lerobot that wrote it (run.json's lerobot_train), even where
+    # the settings now name conveyor's own lerobot
+    from conveyor.training.evaluate import evaluate
+
+    report = evaluate("act-044", settings.model_copy(update={"training": Settings().training}), episodes=[2])
+    assert report.lerobot == "0.4.4" and report.step == 4 and report.policy_type == "act"
+    assert report.episodes == [2] and report.frames > 0 and len(report.joints) == 6
+    assert all(j.mae > 0 and j.mse > 0 for j in report.joints) and "loaded by lerobot 0.4.4" in report.summary()

@@ -13,7 +13,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from conveyor.errors import ConveyorError
-from conveyor.training import checkpoints as ck
+from conveyor.training import checkpoints as ck, lerobot_env, lerobot_eval
+from conveyor.training.lerobot_env import OFFLINE_ENV, LerobotEnv
 
 
 class JointError(BaseModel):
@@ -34,6 +35,7 @@ class EvalReport(BaseModel):
     joints: list[JointError]
     mae: float
     mse: float
+    lerobot: str = Field("", description="the lerobot version that loaded the checkpoint (the run's own)")
     seconds: float = 0.0
 
     def table(self) -> list[dict]:
@@ -43,7 +45,8 @@ class EvalReport(BaseModel):
     def summary(self) -> str:
         seen = "held-out" if self.held_out else "seen in training"
         return (f"{self.run} step {self.step} ({self.policy_type}) on episodes {self.episodes} ({seen}, "
-                f"{self.frames} frames): MAE {self.mae:.4f}, MSE {self.mse:.5f}")
+                f"{self.frames} frames): MAE {self.mae:.4f}, MSE {self.mse:.5f}"
+                + (f" (loaded by lerobot {self.lerobot})" if self.lerobot else ""))
 
 
 def resolve_run(run: str, settings) -> tuple[str, Path]:
@@ -67,12 +70,16 @@ def _trained_episodes(run_dir: Path) -> int | None:
         return None
 
 
-def _held_out(run_dir: Path, total: int) -> tuple[list[int], bool]:
-    """Episodes added to the store after the run's dataset version; else the last episode (seen)."""
-    trained = _trained_episodes(run_dir)
-    if trained and trained < total:
-        return list(range(trained, total)), True
-    return [total - 1], False
+def _run_env(run_dir: Path, settings) -> LerobotEnv:
+    """The lerobot the run trained with (run.json's `lerobot_train`) reads its checkpoint: a 0.4.4 checkpoint
+    is not 0.6's to load. A run folder without that record, or whose environment is gone, uses the settings'."""
+    try:
+        exe = json.loads((run_dir / "run.json").read_text()).get("lerobot_train")
+    except (OSError, ValueError):
+        exe = None
+    if exe and Path(exe).is_file():
+        return lerobot_env.for_executable(Path(exe))
+    return lerobot_env.resolve(settings)
 
 
 def evaluate(run: str, settings, *, episodes: list[int] | None = None, checkpoint: str | None = None,
@@ -89,64 +96,30 @@ def evaluate(run: str, settings, *, episodes: list[int] | None = None, checkpoin
         ckpt = ck.newest_local(lerobot_dir)
         if ckpt is None:
             raise ConveyorError(lerobot_dir, "the run has no complete checkpoint yet")
-    pretrained = ckpt.path / "pretrained_model"
     train_cfg = json.loads(ckpt.train_config.read_text())
     root = Path(train_cfg["dataset"]["root"])
     if not (root / "meta" / "info.json").is_file():
         raise ConveyorError(root, "the run's dataset is not on this machine")
-
-    import torch
-    from lerobot.configs.policies import PreTrainedConfig
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
-    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    meta = LeRobotDatasetMetadata(train_cfg["dataset"]["repo_id"], root=root)
-    total = meta.total_episodes
-    if episodes is None:
-        episodes, held_out = _held_out(run_dir, total)
+    trained = _trained_episodes(run_dir)
+    job = {"pretrained": str(ckpt.path / "pretrained_model"), "root": str(root),
+           "repo_id": train_cfg["dataset"]["repo_id"], "episodes": episodes, "trained_episodes": trained,
+           "max_frames": max_frames, "device": device}
+    env = _run_env(run_dir, settings)
+    if env.same_as_conveyor:
+        out = lerobot_eval.predict_errors(job)
     else:
-        trained = _trained_episodes(run_dir)
+        out = lerobot_env.run_script(env, Path(lerobot_eval.__file__), job, "the evaluation", 2 * 3600,
+                                     OFFLINE_ENV)
+    if out.get("error"):
+        raise ConveyorError(root, out["error"])
+    if episodes is None:
+        held_out = bool(trained) and trained < out["total_episodes"]
+    else:
         held_out = trained is not None and min(episodes, default=0) >= trained
-    bad = [e for e in episodes if not 0 <= e < total]
-    if bad:
-        raise ConveyorError(root, f"episodes {bad} are not in the store (it has {total})")
-
-    cfg = PreTrainedConfig.from_pretrained(pretrained)
-    cfg.device = dev
-    policy = get_policy_class(cfg.type).from_pretrained(pretrained, config=cfg).to(dev).eval()
-    pre, post = make_pre_post_processors(cfg, pretrained_path=str(pretrained),
-                                         preprocessor_overrides={"device_processor": {"device": dev}})
-    chunk = int(getattr(cfg, "chunk_size", None) or getattr(cfg, "horizon", 1))
-    ds = LeRobotDataset(meta.repo_id, root=root, episodes=episodes, video_backend="pyav",
-                        delta_timestamps={"action": [i / meta.fps for i in range(chunk)]})
-    stride = max(1, len(ds) // max_frames)
-    abs_sum = sq_sum = None
-    count = None
-    frames = 0
-    with torch.inference_mode():
-        for idx in range(0, len(ds), stride):
-            item = ds[idx]
-            gt, pad = item["action"], item.get("action_is_pad")
-            batch = {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else [v]) for k, v in item.items()
-                     if k != "action" and not k.endswith("_is_pad")}
-            policy.reset()
-            pred = post(policy.predict_action_chunk(pre(batch)))
-            pred = pred.reshape(-1, pred.shape[-1])[: gt.shape[0], : gt.shape[-1]].float().cpu()
-            n = min(pred.shape[0], gt.shape[0])
-            valid = ~pad[:n] if pad is not None else torch.ones(n, dtype=torch.bool)
-            diff = (pred[:n] - gt[:n])[valid]
-            a, s, c = diff.abs().sum(0), (diff ** 2).sum(0), valid.sum()
-            abs_sum = a if abs_sum is None else abs_sum + a
-            sq_sum = s if sq_sum is None else sq_sum + s
-            count = c if count is None else count + c
-            frames += 1
-    names = (meta.features.get("action", {}).get("names") or [])
-    dim = abs_sum.shape[0]
-    names = list(names) if isinstance(names, list) and len(names) == dim else [f"joint_{i}" for i in range(dim)]
-    n = max(int(count), 1)
-    joints = [JointError(joint=names[i], mae=float(abs_sum[i] / n), mse=float(sq_sum[i] / n)) for i in range(dim)]
-    return EvalReport(run=name, checkpoint=ckpt.name, step=ckpt.step, policy_type=cfg.type, dataset_root=str(root),
-                      episodes=episodes, held_out=held_out, frames=frames, joints=joints,
-                      mae=float(abs_sum.sum() / (n * dim)), mse=float(sq_sum.sum() / (n * dim)),
-                      seconds=time.monotonic() - t0)
+    n, dim = max(int(out["count"]), 1), len(out["names"])
+    joints = [JointError(joint=j, mae=a / n, mse=q / n)
+              for j, a, q in zip(out["names"], out["abs_sum"], out["sq_sum"])]
+    return EvalReport(run=name, checkpoint=ckpt.name, step=ckpt.step, policy_type=out["policy_type"],
+                      dataset_root=str(root), episodes=out["episodes"], held_out=held_out, frames=out["frames"],
+                      joints=joints, mae=sum(out["abs_sum"]) / (n * dim), mse=sum(out["sq_sum"]) / (n * dim),
+                      lerobot=out["lerobot"], seconds=time.monotonic() - t0)

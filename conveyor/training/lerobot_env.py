@@ -20,6 +20,9 @@ from pydantic import BaseModel
 from conveyor.errors import ConveyorError
 from conveyor.training import lerobot_probe
 
+# what every lerobot process conveyor starts runs with: nothing is downloaded at run time
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "SVT_LOG": "1", "WANDB_MODE": "disabled"}
 OLDEST = (0, 4, 4)
 NEWEST_MINOR = (0, 6)          # every 0.6.x patch
 SUPPORTED = "0.4.4 to 0.6.x"
@@ -119,7 +122,11 @@ def lerobot_version(executable: Path) -> str | None:
 
 def resolve(settings) -> LerobotEnv:
     """The run's lerobot environment, refused in one sentence when missing or outside the supported range."""
-    exe = configured_executable(settings)
+    return for_executable(configured_executable(settings))
+
+
+def for_executable(exe: Path) -> LerobotEnv:
+    """The environment of one `lerobot-train` (the configured one, or the one a past run recorded)."""
     if not exe.is_file():
         raise ConveyorError(exe, "no lerobot-train here; set training.lerobot_train to the lab's lerobot-train "
                                  "executable or install lerobot next to conveyor.")
@@ -139,18 +146,25 @@ def probe(env: LerobotEnv, args: list[str], extra_env: dict[str, str] | None = N
     since the lab's lerobot need not be importable here (another version, another Python)."""
     if env.same_as_conveyor:
         return lerobot_probe.check(args)
+    return run_script(env, Path(lerobot_probe.__file__), {"args": args}, "the preflight check", 300, extra_env)
+
+
+def run_script(env: LerobotEnv, script: Path, request: dict, what: str, timeout: float,
+               extra_env: dict[str, str] | None = None) -> dict:
+    """Run one of conveyor's standalone scripts (`lerobot_probe`, `lerobot_eval`) in the environment's
+    interpreter: the request as JSON on stdin, one JSON object back on stdout's last line."""
     import os
 
-    code = ("import runpy, sys; sys.argv = ['lerobot_probe']; "
-            f"runpy.run_path({str(Path(lerobot_probe.__file__))!r}, run_name='__main__')")
+    code = (f"import runpy, sys; sys.argv = [{script.stem!r}]; "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')")
     try:
-        r = subprocess.run([str(env.python), "-c", code], input=json.dumps({"args": args}), capture_output=True,
-                           text=True, timeout=300, env={**os.environ, **(extra_env or {})})
+        r = subprocess.run([str(env.python), "-c", code], input=json.dumps(request), capture_output=True,
+                           text=True, timeout=timeout, env={**os.environ, **(extra_env or {})})
     except (OSError, subprocess.SubprocessError) as e:
-        raise ConveyorError(env.python, f"could not run the preflight check in the lab's environment: {e}") from None
+        raise ConveyorError(env.python, f"could not run {what} in the lab's environment: {e}") from None
     last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     try:
         return json.loads(last)
     except ValueError:
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConveyorError(env.python, f"the preflight check in the lab's environment failed: {tail}") from None
+        raise ConveyorError(env.python, f"{what} in the lab's environment failed: {tail}") from None

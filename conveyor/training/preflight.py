@@ -18,13 +18,11 @@ from conveyor.datasets.resolve import record_pin, resolve_dataset
 from conveyor.errors import ConveyorError
 from conveyor.version import DatasetVersion
 from conveyor.training import lerobot_env
-from conveyor.training.lerobot_env import LerobotEnv
+from conveyor.training.lerobot_env import OFFLINE_ENV, LerobotEnv
 from conveyor.training.recipes import choose_recipe, min_free_gib
 from conveyor.training.request import OptionValue, TrainRequest
 
 HUB_VLM = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "SVT_LOG": "1", "WANDB_MODE": "disabled"}
 
 # option -> the one sentence that explains why it is refused ({version}: the lab environment's lerobot)
 REFUSED = {
