@@ -101,12 +101,24 @@ class TrainTriggerSettings(BaseModel):
         "the default pins the `train` flow's request to the store and the version just committed"))
 
 
+def default_machine() -> str:
+    """The host name, cut to what a Prefect deployment and work queue name may hold."""
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname().split(".")[0]).strip("-") or "conveyor"
+
+
 class PrefectSettings(BaseModel):
     api_url: str | None = Field(None, description="shared Prefect server; None = `conveyor up` starts one")
     host: str = "127.0.0.1"
     port: int = Field(4200, ge=1, le=65535)
     home: Path = Field(Path(".prefect"), description="PREFECT_HOME of the local server (SQLite lives here)")
     worker_query_seconds: float = Field(2.0, gt=0, description="how often `conveyor up`'s workers poll")
+    machine: str = Field(default_factory=default_machine, pattern=r"^[A-Za-z0-9._-]+$",
+                         description="this machine's name on a shared Prefect server: `conveyor up` registers the "
+                                     "cpu flows as deployments `<flow>/<machine>` on work queue `<machine>` of "
+                                     "pool `cpu`, and its cpu worker takes only those runs (default: the host name)")
 
 
 class Settings(BaseSettings):

@@ -35,7 +35,8 @@ from conveyor.errors import ConveyorError
 from conveyor.prefect_server import PrefectServer, start_prefect_server, wait_healthy
 from conveyor.processes import marked_pids, port_in_use, stop_process, sweep
 from conveyor.settings import Settings, SourceSettings
-from conveyor.worker import HEARTBEAT_SECONDS, MARKER, PROJECT_DIR, cache_dir, flow_env, start_worker
+from conveyor.worker import (HEARTBEAT_SECONDS, MARKER, PROJECT_DIR, cache_dir, flow_env, machine_queue,
+                             start_worker)
 
 POOLS = ("cpu", "gpu")
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -223,9 +224,13 @@ class Supervisor:
 
     def _deploy(self) -> None:
         """Register prefect.yaml's deployments, with this checkout as the pull directory and the nightly and
-        backup schedules from settings; deployments whose flow file does not exist yet are skipped (and said so)."""
+        backup schedules from settings; deployments whose flow file does not exist yet are skipped (and said so).
+
+        The `cpu` flows (watch, ingest, nightly, backup) need this machine's recordings and stores, so they are
+        registered as `<flow>/<machine>` on this machine's work queue, which only this machine's cpu worker
+        polls: two recording PCs on one server each get their own watcher, schedules and UI runs."""
         spec = yaml.safe_load((self.project / "prefect.yaml").read_text(encoding="utf-8"))
-        kept, skipped = [], []
+        kept, skipped, machine = [], [], self.settings.prefect.machine
         for d in spec["deployments"]:
             if not (self.project / d["entrypoint"].split(":")[0]).is_file():
                 skipped.append(d["name"])
@@ -233,6 +238,8 @@ class Supervisor:
             cron = {"nightly": self.settings.schedules.nightly_cron, "backup": self.settings.backup.cron}
             if d["name"] in cron:
                 d["schedules"] = [{"cron": cron[d["name"]], "timezone": self.settings.schedules.timezone}]
+            if d["work_pool"]["name"] == "cpu":
+                d["name"], d["work_pool"] = machine, {**d["work_pool"], "work_queue_name": machine}
             kept.append(d)
         spec["deployments"] = kept
         generated = self.home / "prefect.yaml"
@@ -241,8 +248,28 @@ class Supervisor:
         # other machines) resolves it to its own checkout when a run starts
         self._prefect("deploy", "--all", "--prefect-file", str(generated), timeout=300,
                       env={k: v for k, v in self.env.items() if k != "CONVEYOR_PROJECT_DIR"})
-        self.out(f"deployments: {', '.join(d['name'] for d in kept)}"
+        self.out(f"deployments: {', '.join(d['entrypoint'].rsplit(':', 1)[1] + '/' + d['name'] for d in kept)}"
                  + (f" (skipped, flow file missing: {', '.join(skipped)})" if skipped else ""))
+        self._warn_unserved(kept)
+
+    def _warn_unserved(self, kept: list[dict]) -> None:
+        """A cpu deployment `<flow>/<flow>` (an older conveyor, or prefect.yaml deployed by hand) sends its runs to
+        the pool's default queue, which no `conveyor up` worker polls. On this `up`'s own server it is replaced
+        (deleted, and said so); on a shared server it may be someone else's: named, with how to delete it."""
+        flows = {d["entrypoint"].rsplit(":", 1)[1] for d in kept if d["work_pool"]["name"] == "cpu"}
+        status, deps = api(self.api_url, "POST", "/deployments/filter",
+                           {"deployments": {"name": {"any_": sorted(flows)}},
+                            "work_pools": {"name": {"any_": ["cpu"]}}})
+        for d in deps if status == 200 else []:
+            if d.get("work_queue_name") not in (None, "default") or d["name"] not in flows:
+                continue
+            name = f"{d['name']}/{d['name']}"
+            if not self.joined and api(self.api_url, "DELETE", f"/deployments/{d['id']}")[0] in (200, 204):
+                self.out(f"deployment {name} removed: replaced by {d['name']}/{self.settings.prefect.machine}")
+            else:
+                self.out(f"note: deployment {name} sends its runs to pool cpu's default queue, which no "
+                         "`conveyor up` worker polls (each takes its own machine's queue); delete it with "
+                         f"`prefect deployment delete {name}`")
 
     def _create_rescue(self) -> None:
         """A Prefect automation: a `train` run whose heartbeats stop (its machine died, its worker was
@@ -277,7 +304,8 @@ class Supervisor:
     def _start_worker(self, pool: str) -> None:
         with open(self.home / f"worker-{pool}.log", "ab") as log:
             self.workers[pool] = start_worker(pool, self.env, self.project, log,
-                                              name=f"conveyor-{pool}-{socket.gethostname()}")
+                                              name=f"conveyor-{pool}-{self.settings.prefect.machine}",
+                                              queue=machine_queue(self.settings, pool))
 
     def _start_demo(self) -> None:
         from conveyor.synthetic.demo import record_demo
@@ -288,15 +316,16 @@ class Supervisor:
         self._demo_thread.start()
 
     def _start_watch(self) -> None:
-        status, dep = api(self.api_url, "GET", "/deployments/name/watch/watch")
+        name = f"watch/{self.settings.prefect.machine}"
+        status, dep = api(self.api_url, "GET", f"/deployments/name/{name}")
         if status != 200:
-            raise ConveyorError("deployment watch/watch", f"not registered (HTTP {status})")
+            raise ConveyorError(f"deployment {name}", f"not registered (HTTP {status})")
         self._watch_runs_started += 1
         key = f"conveyor-up-{self.token}-watch-{self._watch_runs_started}"  # makes api()'s retries safe
         status, run = api(self.api_url, "POST", f"/deployments/{dep['id']}/create_flow_run",
                           {"parameters": {}, "idempotency_key": key})
         if status not in (200, 201):
-            raise ConveyorError("deployment watch/watch", f"could not start a run: HTTP {status} {run}")
+            raise ConveyorError(f"deployment {name}", f"could not start a run: HTTP {status} {run}")
         self.watch_run = run["id"]
         self.out(f"watch flow run {run['name']} ({self.ui_url}/runs/flow-run/{run['id']})")
 

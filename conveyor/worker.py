@@ -56,18 +56,28 @@ def flow_env(settings: Settings, api_url: str, home: Path, token: str,
 
 
 def start_worker(pool: str, env: dict[str, str], project: Path = PROJECT_DIR, log: IO | int | None = None,
-                 name: str | None = None) -> subprocess.Popen:
-    """`prefect worker start` for a process pool, in its own session (stopped with its process group)."""
+                 name: str | None = None, queue: str | None = None) -> subprocess.Popen:
+    """`prefect worker start` for a process pool, in its own session (stopped with its process group);
+    `queue`: take only that work queue's runs (a machine's own, see `machine_queue`)."""
     exe = str(Path(sys.executable).with_name("prefect"))
     return subprocess.Popen([exe, "worker", "start", "--pool", pool, "--type", "process",
-                             "--name", name or f"conveyor-{pool}-{socket.gethostname()}-{os.getpid()}"],
+                             "--name", name or f"conveyor-{pool}-{socket.gethostname()}-{os.getpid()}",
+                             *(["--work-queue", queue] if queue else [])],
                             env=env, cwd=project, stdout=log, stderr=subprocess.STDOUT if log else None,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
+def machine_queue(settings: Settings, pool: str) -> str | None:
+    """The work queue a worker of this machine polls: for `cpu`, the machine's own (its runs need this machine's
+    recordings and stores); for `gpu`, every queue (any GPU box may train any run)."""
+    return settings.prefect.machine if pool == "cpu" else None
+
+
 def served(settings: Settings, pool: str, api_url: str) -> list[tuple[str, str]]:
     """What a worker of this machine serves, as (label, value) lines for the terminal."""
-    return [("pool", pool), ("Prefect API", api_url),
+    queue = machine_queue(settings, pool)
+    return [("pool", pool + (f", work queue {queue} (this machine's runs only)" if queue else "")),
+            ("Prefect API", api_url),
             ("config", str(settings.config_path or "(none: defaults + CONVEYOR_* environment)")),
             ("store_root", str(settings.store_root)), ("work_dir", str(settings.work_dir)),
             ("cache_dir", str(cache_dir(settings))), ("storage", settings.storage_url),
@@ -101,7 +111,7 @@ class Worker:
         for label, value in served(self.settings, self.pool, self.api_url):
             self.out(f"  {label + ':':<13}{value}")
         old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        proc = start_worker(self.pool, env, name=self.name)
+        proc = start_worker(self.pool, env, name=self.name, queue=machine_queue(self.settings, self.pool))
         try:
             while not self._stop.wait(1.0):
                 if proc.poll() is not None:

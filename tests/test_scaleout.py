@@ -258,3 +258,65 @@ log_freq = 1
     assert codes == {"recording-pc": [0], "gpu-box-1": [-9], "gpu-box-2": [0]}, (codes, why())
     assert [m.pids() for m in machines] == [[], [], []], "no orphan processes on any machine"
     assert "conveyor worker: stopped" in gpu2.output()
+
+
+def test_two_recording_pcs_each_run_their_own_watcher_ingests_and_schedules(postgres_prefect_server, s3_endpoint,
+                                                                             tmp_path):
+    """Two recording PCs join one server, each with its own recorder and store_root. The cpu flows need the
+    machine's files, so each PC registers them as `<flow>/<machine>` on its own work queue and its cpu worker
+    polls only that queue: each PC's watch run, and so its episodes, stays on that PC. A leftover cpu
+    deployment on the default queue (served by no conveyor worker) is pointed out when a PC joins."""
+    api_url = postgres_prefect_server.api_url
+    pcs = {}
+    for rig in ("rig-a", "rig-b"):
+        pcs[rig] = Machine(tmp_path / rig, s3_endpoint, extra=f"""machine = "{rig}"
+[[sources]]
+name = "grasp-{rig}"
+path = "rec"
+task = "pick the cube"
+[watch]
+settle_seconds = 0.3
+debounce_seconds = 0.1
+rescan_seconds = 5
+""")
+
+    def why() -> str:
+        return "\n".join(m.output(tail=4000) for m in pcs.values())
+
+    try:
+        a = pcs["rig-a"].conveyor("up", "--api-url", api_url, "--pools", "cpu")
+        wait_for(lambda: "conveyor is up" in pcs["rig-a"].output() or a.poll() is not None, 240, "rig-a up", why=why)
+        # a cpu deployment from an older conveyor (or prefect.yaml deployed by hand): the default queue
+        status, flow = api(api_url, "POST", "/flows/", {"name": "nightly"})
+        status, legacy = api(api_url, "POST", "/deployments/", {"name": "nightly", "flow_id": flow["id"],
+                                                                "work_pool_name": "cpu"})
+        assert status in (200, 201), legacy
+        b = pcs["rig-b"].conveyor("up", "--api-url", api_url, "--pools", "cpu")
+        wait_for(lambda: "conveyor is up" in pcs["rig-b"].output() or b.poll() is not None, 240, "rig-b up", why=why)
+        assert a.poll() is None and b.poll() is None, why()
+        assert "note: deployment nightly/nightly sends its runs to pool cpu's default queue" in pcs["rig-b"].output()
+
+        for rig, pc in pcs.items():
+            w = RecordingWriter(pc.root / "rec", SPEC)
+            for ep in range(2):
+                w.write_episode(ep, LEN)
+        for rig, pc in pcs.items():
+            store = pc.root / "stores" / f"grasp-{rig}"
+            wait_for(lambda: store.is_dir() and Store.open(store).version.total_episodes == 2, 120,
+                     f"{rig}'s two episodes in its own store", why=why)
+            assert sorted(p.name for p in (pc.root / "stores").iterdir()) == [f"grasp-{rig}"]
+
+        status, deps = api(api_url, "POST", "/deployments/filter", {"work_pools": {"name": {"any_": ["cpu"]}}})
+        status, flows = api(api_url, "POST", "/flows/filter", {})
+        flow_name = {f["id"]: f["name"] for f in flows}
+        got = {(flow_name[d["flow_id"]], d["name"], d["work_queue_name"]) for d in deps
+               if d["name"] in (*pcs, "nightly")}  # the session's server also holds the other test's machine
+        assert got == {(f, rig, rig) for f in ("watch", "ingest", "nightly", "backup") for rig in pcs} | \
+            {("nightly", "nightly", "default")}
+        running = {"flows": {"name": {"any_": ["watch"]}}, "flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}
+        status, runs = api(api_url, "POST", "/flow_runs/filter", running)
+        assert sorted(r["work_queue_name"] for r in runs if r["work_queue_name"] in pcs) == ["rig-a", "rig-b"], runs
+    finally:
+        codes = {rig: pc.stop() for rig, pc in pcs.items()}
+    assert codes == {"rig-a": [0], "rig-b": [0]}, (codes, why())
+    assert [pc.pids() for pc in pcs.values()] == [[], []], "no orphan processes on any machine"

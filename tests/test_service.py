@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.processes import free_port, marked_pids, port_in_use
+from conveyor.settings import Settings
 from conveyor.store import Store
 from conveyor.supervisor import api
 from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
@@ -414,10 +415,18 @@ def test_conveyor_up_runs_the_service_and_stops_cleanly(tmp_path):
         assert ingest_runs and all(r["parent_task_run_id"] for r in ingest_runs)
         status, pools = api(api_url, "POST", "/work_pools/filter", {})
         assert {"cpu", "gpu"} <= {p["name"] for p in pools}
+        # the cpu flows are this machine's: `<flow>/<machine>` on its own work queue, which its cpu worker polls
         status, deps = api(api_url, "POST", "/deployments/filter", {})
-        assert {"watch", "ingest", "nightly"} <= {d["name"] for d in deps}
-        nightly = next(d for d in deps if d["name"] == "nightly")
-        assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+        status, flows = api(api_url, "POST", "/flows/filter", {})
+        flow_name = {f["id"]: f["name"] for f in flows}
+        by_flow = {flow_name[d["flow_id"]]: d for d in deps}
+        machine = Settings().prefect.machine
+        assert {f: (d["name"], d["work_pool_name"], d["work_queue_name"]) for f, d in by_flow.items()} == {
+            **{f: (machine, "cpu", machine) for f in ("watch", "ingest", "nightly", "backup")},
+            "train": ("train", "gpu", "default"), "evaluate": ("evaluate", "gpu", "default")}
+        assert by_flow["nightly"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+        assert flow_runs(api_url, "watch")[0]["work_queue_name"] == machine
+        assert any(f"deployments: watch/{machine}, ingest/{machine}" in x for x in lines), "".join(lines)
         assert _pids_with_env(f"PREFECT_HOME={home}"), "server and workers run with the project-local home"
 
         # the watcher process dies: Prefect shows the run as crashed and `conveyor up` starts a new one
@@ -658,6 +667,32 @@ def test_shipped_pool_templates_and_prefect_yaml_register(prefect_api):
     # without CONVEYOR_PROJECT_DIR at deploy time, each worker resolves its own checkout at run time
     step = by_name["watch"]["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
     assert step["directory"] == "{{ $CONVEYOR_PROJECT_DIR }}"
+
+
+def test_a_cpu_deployment_on_the_default_queue_is_replaced_on_an_own_server_and_named_on_a_shared_one(prefect_api):
+    """`conveyor up` registers the cpu flows as `<flow>/<machine>`; a `backup/backup` left from an older conveyor
+    would send its runs to a queue no conveyor worker polls. On the server `up` started it is removed; on a
+    server it joined it is named, with the command that removes it."""
+    from conveyor.supervisor import Supervisor
+
+    api(prefect_api, "POST", "/work_pools/", {"name": "cpu", "type": "process"})  # 409 when it exists
+    status, flow = api(prefect_api, "POST", "/flows/", {"name": "backup"})
+    status, legacy = api(prefect_api, "POST", "/deployments/", {"name": "backup", "flow_id": flow["id"],
+                                                                "work_pool_name": "cpu"})
+    assert status in (200, 201) and legacy["work_queue_name"] == "default", legacy
+    kept = [{"entrypoint": "flows/backup.py:backup", "work_pool": {"name": "cpu"}}]
+    said: list[str] = []
+    joined = Supervisor(Settings(prefect={"machine": "rig-x"}), api_url=prefect_api, out=said.append)
+    joined._warn_unserved(kept)
+    assert said == ["note: deployment backup/backup sends its runs to pool cpu's default queue, which no "
+                    "`conveyor up` worker polls (each takes its own machine's queue); delete it with "
+                    "`prefect deployment delete backup/backup`"]
+    assert api(prefect_api, "GET", f"/deployments/{legacy['id']}")[0] == 200
+    own = Supervisor(Settings(prefect={"machine": "rig-x"}), api_url=prefect_api, out=said.append)
+    own.joined = False  # as if this `up` had started the server
+    own._warn_unserved(kept)
+    assert said[1:] == ["deployment backup/backup removed: replaced by backup/rig-x"]
+    assert api(prefect_api, "GET", f"/deployments/{legacy['id']}")[0] == 404
 
 
 # -- nightly and demo -------------------------------------------------------------------------------------
