@@ -253,19 +253,22 @@ class Supervisor:
         self._warn_unserved(kept)
 
     def _warn_unserved(self, kept: list[dict]) -> None:
-        """A cpu deployment `<flow>/<flow>` (an older conveyor, or prefect.yaml deployed by hand) sends its runs to
-        the pool's default queue, which no `conveyor up` worker polls. On this `up`'s own server it is replaced
-        (deleted, and said so); on a shared server it may be someone else's: named, with how to delete it."""
-        flows = {d["entrypoint"].rsplit(":", 1)[1] for d in kept if d["work_pool"]["name"] == "cpu"}
+        """A cpu deployment of the cpu flows on the pool's default queue (an older conveyor's `<flow>/<flow>`, or
+        prefect.yaml deployed by hand) is served by no `conveyor up` worker. On this `up`'s own server it is a
+        leftover: removed, and said so; on a shared server it is named, with how to delete it. Deployments on
+        another machine's queue are that machine's, even on this `up`'s server (another PC may have joined it)."""
+        flows = sorted({d["entrypoint"].rsplit(":", 1)[1] for d in kept if d["work_pool"]["name"] == "cpu"})
+        machine = self.settings.prefect.machine
         status, deps = api(self.api_url, "POST", "/deployments/filter",
-                           {"deployments": {"name": {"any_": sorted(flows)}},
-                            "work_pools": {"name": {"any_": ["cpu"]}}})
+                           {"flows": {"name": {"any_": flows}}, "work_pools": {"name": {"any_": ["cpu"]}}})
+        status_f, found = api(self.api_url, "POST", "/flows/filter", {"flows": {"name": {"any_": flows}}})
+        flow_of = {f["id"]: f["name"] for f in found} if status_f == 200 else {}
         for d in deps if status == 200 else []:
-            if d.get("work_queue_name") not in (None, "default") or d["name"] not in flows:
+            if (d.get("work_queue_name") or "default") != "default":
                 continue
-            name = f"{d['name']}/{d['name']}"
+            name = f"{flow_of.get(d['flow_id'], '?')}/{d['name']}"
             if not self.joined and api(self.api_url, "DELETE", f"/deployments/{d['id']}")[0] in (200, 204):
-                self.out(f"deployment {name} removed: replaced by {d['name']}/{self.settings.prefect.machine}")
+                self.out(f"deployment {name} removed: replaced by {flow_of.get(d['flow_id'], '?')}/{machine}")
             else:
                 self.out(f"note: deployment {name} sends its runs to pool cpu's default queue, which no "
                          "`conveyor up` worker polls (each takes its own machine's queue); delete it with "

@@ -680,19 +680,22 @@ def test_a_cpu_deployment_on_the_default_queue_is_replaced_on_an_own_server_and_
     status, legacy = api(prefect_api, "POST", "/deployments/", {"name": "backup", "flow_id": flow["id"],
                                                                 "work_pool_name": "cpu"})
     assert status in (200, 201) and legacy["work_queue_name"] == "default", legacy
+    status, other = api(prefect_api, "POST", "/deployments/", {"name": "rig-old", "flow_id": flow["id"],
+                                                               "work_pool_name": "cpu", "work_queue_name": "rig-old"})
+    assert status in (200, 201) and other["work_queue_name"] == "rig-old", other
     kept = [{"entrypoint": "flows/backup.py:backup", "work_pool": {"name": "cpu"}}]
     said: list[str] = []
     joined = Supervisor(Settings(prefect={"machine": "rig-x"}), api_url=prefect_api, out=said.append)
     joined._warn_unserved(kept)
     assert said == ["note: deployment backup/backup sends its runs to pool cpu's default queue, which no "
                     "`conveyor up` worker polls (each takes its own machine's queue); delete it with "
-                    "`prefect deployment delete backup/backup`"]
-    assert api(prefect_api, "GET", f"/deployments/{legacy['id']}")[0] == 200
+                    "`prefect deployment delete backup/backup`"], "another machine's backup/rig-old is left alone"
+    assert [api(prefect_api, "GET", f"/deployments/{d['id']}")[0] for d in (legacy, other)] == [200, 200]
     own = Supervisor(Settings(prefect={"machine": "rig-x"}), api_url=prefect_api, out=said.append)
-    own.joined = False  # as if this `up` had started the server
+    own.joined = False  # as if this `up` had started the server (another PC may have joined it)
     own._warn_unserved(kept)
     assert said[1:] == ["deployment backup/backup removed: replaced by backup/rig-x"]
-    assert api(prefect_api, "GET", f"/deployments/{legacy['id']}")[0] == 404
+    assert [api(prefect_api, "GET", f"/deployments/{d['id']}")[0] for d in (legacy, other)] == [404, 200]
 
 
 # -- nightly and demo -------------------------------------------------------------------------------------
