@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,21 +39,16 @@ def start_writeback(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-_SYNC_FILE_RANGE: list = []
-
-
+@lru_cache(maxsize=1)
 def _sync_file_range():
-    if not _SYNC_FILE_RANGE:
-        fn = None
-        try:
-            import ctypes
+    try:
+        import ctypes
 
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        except (OSError, AttributeError):
-            pass
-        _SYNC_FILE_RANGE.append(fn)
-    return _SYNC_FILE_RANGE[0]
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
 
 
 def sha256_bytes(data: bytes) -> str:

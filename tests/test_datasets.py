@@ -178,6 +178,7 @@ def test_materialize_from_s3_on_a_worker_without_the_store(lab, tmp_path, s3_end
     assert again.version == first.version and again.root == first.root and again.materialized.reused
 
 
+@pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs")  # a task called alone
 def test_a_credentials_block_reaches_the_training_runs_storage(lab, tmp_path, s3_endpoint, prefect_server):
     """A lab that keeps its object-storage endpoint and keys only in a prefect-aws block (`s3.aws_credentials_block`)
     publishes through it, and a GPU worker that has nothing else configured finds, pins and fetches the version
