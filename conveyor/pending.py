@@ -16,10 +16,10 @@ from conveyor.source import V21Source, comparable_features
 from conveyor.store import Store, is_store
 
 
-def nothing_new(source: str | Path, store: str | Path) -> IngestReport | None:
+def nothing_new(source: str | Path | V21Source, store: str | Path) -> IngestReport | None:
     """The report a full ingest would return when there is nothing to add, or None if there may be."""
     t0 = time.monotonic()
-    src = V21Source.open(source)
+    src = source if isinstance(source, V21Source) else V21Source.open(source)
     root = Path(store).resolve()
     if not is_store(root):
         return None

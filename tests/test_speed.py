@@ -48,6 +48,15 @@ def test_cli_ingest_with_nothing_new_imports_no_media_or_table_library(tmp_path)
     lines = out.stdout.strip().splitlines()
     assert json.loads(lines[-1]) == [0, []], out.stdout
     assert "0 new episode(s), 1 already in store" in lines[0]
+    # the store named as a store under store_root (`conveyor ingest rec koch_grasp`) takes the same path
+    cfg = tmp_path / "conveyor.toml"
+    cfg.write_text(f'store_root = "{tmp_path}"\n')
+    named = code.replace("main(['ingest',", f"main(['--config', {str(cfg)!r}, 'ingest',")
+    out = subprocess.run([sys.executable, "-c", named, str(rec), "store"], capture_output=True, text=True,
+                         check=True, cwd=tmp_path / "rec")
+    lines = out.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == [0, []], out.stdout
+    assert "0 new episode(s), 1 already in store" in lines[0]
 
 
 def test_cli_store_commands_never_import_pandas_and_write_the_same_bytes(tmp_path):

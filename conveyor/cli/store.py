@@ -145,18 +145,22 @@ def _convert(a: argparse.Namespace) -> int:
 def _ingest(a: argparse.Namespace) -> int:
     lean_process()
     from conveyor.pending import nothing_new
+    from conveyor.source import V21Source
+    from conveyor.store import is_store
 
-    r = nothing_new(a.src, a.store)  # the common case, without importing pyarrow/numpy/PyAV
+    src, store = V21Source.open(a.src), resolve_store(a, a.store, new=True)
+    r = nothing_new(src, store)  # the common case, without importing pyarrow/numpy/PyAV
     if r is not None:
         print_ingest(r)
         return _exit_code(r)
+    if not is_store(store):  # a first ingest is a whole conversion: hash ahead as `convert` does
+        src.hash_ahead(sorted(src.episode_records()))
     with collector_paused():
         from conveyor.ingest import ingest
 
     with progress_bar("ingesting") as cb:
-        r = ingest(Path(a.src), resolve_store(a, a.store, new=True), task=a.task, data_mb=a.data_mb,
-                   video_mb=a.video_mb,
-                   lock_timeout=a.lock_timeout, progress=cb)
+        r = ingest(src, store, task=a.task, data_mb=a.data_mb, video_mb=a.video_mb, lock_timeout=a.lock_timeout,
+                   progress=cb)
     print_ingest(r)
     return _exit_code(r)
 
