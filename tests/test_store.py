@@ -409,7 +409,7 @@ def _completed(lines: list[str], call: str) -> set[str]:
     `<unfinished ...>` line and a `<... call resumed>` line of the same pid."""
     done, pending = set(), {}
     for line in lines:
-        pid, rest = line.split(" ", 1)
+        pid, rest = line.split(None, 1)  # strace pads short pids to a column: "6684  fdatasync(..."
         if rest.startswith(f"{call}("):
             path = rest.split("<", 1)[1].split(">", 1)[0]
             if rest.endswith("<unfinished ...>"):
