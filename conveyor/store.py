@@ -22,7 +22,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -261,18 +261,13 @@ class Store:
     def committed_view(self) -> Iterator[None]:
         """No commit renames files while this is held (the shared apply lock), so the manifest and the files
         read under it agree; a read-only store (no lock file can be taken) has no writer to wait for."""
-        try:
-            cm = self._apply_lock(shared=True)
-            cm.__enter__()
-        except OSError as e:
-            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise
+        with ExitStack() as held:
+            try:
+                held.enter_context(self._apply_lock(shared=True))
+            except OSError as e:
+                if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise
             yield
-            return
-        try:
-            yield
-        finally:
-            cm.__exit__(None, None, None)
 
     def restore_committed(self, rel: str, staged: Path) -> None:
         """Put back a committed file's exact bytes (scrub's repair: `staged` is flushed and already checked

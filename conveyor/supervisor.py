@@ -230,7 +230,7 @@ class Supervisor:
         registered as `<flow>/<machine>` on this machine's work queue, which only this machine's cpu worker
         polls: two recording PCs on one server each get their own watcher, schedules and UI runs."""
         spec = yaml.safe_load((self.project / "prefect.yaml").read_text(encoding="utf-8"))
-        kept, skipped, machine = [], [], self.settings.prefect.machine
+        kept, skipped = [], []
         for d in spec["deployments"]:
             if not (self.project / d["entrypoint"].split(":")[0]).is_file():
                 skipped.append(d["name"])
@@ -238,8 +238,9 @@ class Supervisor:
             cron = {"nightly": self.settings.schedules.nightly_cron, "backup": self.settings.backup.cron}
             if d["name"] in cron:
                 d["schedules"] = [{"cron": cron[d["name"]], "timezone": self.settings.schedules.timezone}]
-            if d["work_pool"]["name"] == "cpu":
-                d["name"], d["work_pool"] = machine, {**d["work_pool"], "work_queue_name": machine}
+            queue = machine_queue(self.settings, d["work_pool"]["name"])
+            if queue:
+                d["name"], d["work_pool"] = queue, {**d["work_pool"], "work_queue_name": queue}
             kept.append(d)
         spec["deployments"] = kept
         generated = self.home / "prefect.yaml"
@@ -248,7 +249,7 @@ class Supervisor:
         # other machines) resolves it to its own checkout when a run starts
         self._prefect("deploy", "--all", "--prefect-file", str(generated), timeout=300,
                       env={k: v for k, v in self.env.items() if k != "CONVEYOR_PROJECT_DIR"})
-        self.out(f"deployments: {', '.join(d['entrypoint'].rsplit(':', 1)[1] + '/' + d['name'] for d in kept)}"
+        self.out(f"deployments: {', '.join(_flow(d) + '/' + d['name'] for d in kept)}"
                  + (f" (skipped, flow file missing: {', '.join(skipped)})" if skipped else ""))
         self._warn_unserved(kept)
 
@@ -257,7 +258,7 @@ class Supervisor:
         prefect.yaml deployed by hand) is served by no `conveyor up` worker. On this `up`'s own server it is a
         leftover: removed, and said so; on a shared server it is named, with how to delete it. Deployments on
         another machine's queue are that machine's, even on this `up`'s server (another PC may have joined it)."""
-        flows = sorted({d["entrypoint"].rsplit(":", 1)[1] for d in kept if d["work_pool"]["name"] == "cpu"})
+        flows = sorted({_flow(d) for d in kept if machine_queue(self.settings, d["work_pool"]["name"])})
         machine = self.settings.prefect.machine
         status, deps = api(self.api_url, "POST", "/deployments/filter",
                            {"flows": {"name": {"any_": flows}}, "work_pools": {"name": {"any_": ["cpu"]}}})
@@ -430,6 +431,11 @@ class Supervisor:
 
 
 RETRY_STATUS = (429, 502, 503, 504)  # what a busy server (SQLite lock timeouts) answers; Prefect's client retries these too
+
+
+def _flow(deployment: dict) -> str:
+    """A prefect.yaml deployment's flow name: its entrypoint's function (each flow is named after it)."""
+    return deployment["entrypoint"].rsplit(":", 1)[1]
 
 
 def api(api_url: str, method: str, path: str, body: dict | None = None, timeout: float = 30,

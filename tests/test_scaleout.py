@@ -110,6 +110,20 @@ worker_query_seconds = 1
         return [p.wait(90) for p in self.procs]
 
 
+def recording_pc(source: str) -> str:
+    """A recording PC's source (folder `rec` of its machine) and a watcher quick enough for a test."""
+    return f"""
+[[sources]]
+name = "{source}"
+path = "rec"
+task = "pick the cube"
+[watch]
+settle_seconds = 0.3
+debounce_seconds = 0.1
+rescan_seconds = 5
+"""
+
+
 def train_runs(api_url: str) -> list[dict]:
     status, runs = api(api_url, "POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["train"]}}})
     assert status == 200, runs
@@ -134,15 +148,7 @@ def test_gpu_machine_dies_mid_run_and_another_resumes_it(postgres_prefect_server
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket=BUCKET)
     name = "lab-grasp"
-    pc = Machine(tmp_path / "recording-pc", s3_endpoint, extra=f"""
-[[sources]]
-name = "{name}"
-path = "rec"
-task = "pick the cube"
-[watch]
-settle_seconds = 0.3
-debounce_seconds = 0.1
-rescan_seconds = 5
+    pc = Machine(tmp_path / "recording-pc", s3_endpoint, extra=recording_pc(name) + f"""
 [training]
 policy = "every_n"
 every_n = 3
@@ -269,16 +275,7 @@ def test_two_recording_pcs_each_run_their_own_watcher_ingests_and_schedules(post
     api_url = postgres_prefect_server.api_url
     pcs = {}
     for rig in ("rig-a", "rig-b"):
-        pcs[rig] = Machine(tmp_path / rig, s3_endpoint, extra=f"""machine = "{rig}"
-[[sources]]
-name = "grasp-{rig}"
-path = "rec"
-task = "pick the cube"
-[watch]
-settle_seconds = 0.3
-debounce_seconds = 0.1
-rescan_seconds = 5
-""")
+        pcs[rig] = Machine(tmp_path / rig, s3_endpoint, extra=f'machine = "{rig}"\n' + recording_pc(f"grasp-{rig}"))
 
     def why() -> str:
         return "\n".join(m.output(tail=4000) for m in pcs.values())

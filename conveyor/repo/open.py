@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from conveyor.errors import ConveyorError
 from conveyor.repo.base import Repo
@@ -11,9 +10,8 @@ from conveyor.repo.s3 import S3Repo
 from conveyor.settings import S3Settings, TransferSettings
 
 
-def open_repo(url: str, settings: S3Settings | None = None, transfer: TransferSettings | None = None,
-              session: Any = None) -> Repo:
-    """`file:///abs/path` or `s3://bucket[/prefix]` -> a Repo. `session`: a ready boto3.Session."""
+def open_repo(url: str, settings: S3Settings | None = None, transfer: TransferSettings | None = None) -> Repo:
+    """`file:///abs/path` or `s3://bucket[/prefix]` -> a Repo."""
     if url.startswith("file://"):
         path = url[len("file://"):]
         if not path:
@@ -28,7 +26,7 @@ def open_repo(url: str, settings: S3Settings | None = None, transfer: TransferSe
             raise ConveyorError(url, f"s3.aws_credentials_block `{settings.aws_credentials_block}` is named but "
                                      "was not applied: this code path opened storage without the Prefect layer's "
                                      "tasks.repo.storage_settings (a conveyor bug; please report it)")
-        return S3Repo(bucket, prefix, settings, transfer, session)
+        return S3Repo(bucket, prefix, settings, transfer)
     raise ConveyorError(url, "unsupported storage URL: use file:///path or s3://bucket/prefix")
 
 

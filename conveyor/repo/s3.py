@@ -10,7 +10,6 @@ import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from conveyor.errors import ConveyorError
 from conveyor.fileio import sha256_bytes, sha256_file
@@ -24,7 +23,7 @@ from conveyor.settings import S3Settings, TransferSettings
 
 class S3Repo(Repo):
     def __init__(self, bucket: str, prefix: str, s3: S3Settings | None = None,
-                 transfer: TransferSettings | None = None, session: Any = None):
+                 transfer: TransferSettings | None = None):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -33,13 +32,14 @@ class S3Repo(Repo):
         self.transfer = transfer or TransferSettings()
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        if session is None:
-            def secret(v):
-                return v.get_secret_value() if v is not None else None
-            session = boto3.Session(aws_access_key_id=secret(s3.access_key_id),
-                                    aws_secret_access_key=secret(s3.secret_access_key),
-                                    aws_session_token=secret(s3.session_token),
-                                    profile_name=s3.profile, region_name=s3.region)
+
+        def secret(v):
+            return v.get_secret_value() if v is not None else None
+
+        session = boto3.Session(aws_access_key_id=secret(s3.access_key_id),
+                                aws_secret_access_key=secret(s3.secret_access_key),
+                                aws_session_token=secret(s3.session_token),
+                                profile_name=s3.profile, region_name=s3.region)
         try:
             creds = session.get_credentials()
             if creds is not None:

@@ -1,8 +1,9 @@
 """Offline evaluation (seed plan §8.6): a checkpoint predicts action chunks on held-out episodes of its
 store; per-joint MAE/MSE against the recorded actions, so two runs (ACT vs SmolVLA) compare side by side.
 
-Uses lerobot's own loaders: `PreTrainedConfig`/policy `from_pretrained`, the checkpoint's saved
-pre/post-processors (normalisation + tokenizer), and `LeRobotDataset` with an action-chunk delta window.
+Uses lerobot's own loaders (`PreTrainedConfig`/policy `from_pretrained`, the checkpoint's saved
+pre/post-processors, `LeRobotDataset` with an action-chunk delta window) through `lerobot_eval`, run in the
+lerobot environment that trained the checkpoint.
 """
 from __future__ import annotations
 
@@ -100,9 +101,9 @@ def evaluate(run: str, settings, *, episodes: list[int] | None = None, checkpoin
     root = Path(train_cfg["dataset"]["root"])
     if not (root / "meta" / "info.json").is_file():
         raise ConveyorError(root, "the run's dataset is not on this machine")
-    trained = _trained_episodes(run_dir)
     job = {"pretrained": str(ckpt.path / "pretrained_model"), "root": str(root),
-           "repo_id": train_cfg["dataset"]["repo_id"], "episodes": episodes, "trained_episodes": trained,
+           "repo_id": train_cfg["dataset"]["repo_id"], "episodes": episodes,
+           "trained_episodes": _trained_episodes(run_dir),
            "max_frames": max_frames, "device": device}
     env = _run_env(run_dir, settings)
     if env.same_as_conveyor:
@@ -112,14 +113,10 @@ def evaluate(run: str, settings, *, episodes: list[int] | None = None, checkpoin
                                      OFFLINE_ENV)
     if out.get("error"):
         raise ConveyorError(root, out["error"])
-    if episodes is None:
-        held_out = bool(trained) and trained < out["total_episodes"]
-    else:
-        held_out = trained is not None and min(episodes, default=0) >= trained
     n, dim = max(int(out["count"]), 1), len(out["names"])
     joints = [JointError(joint=j, mae=a / n, mse=q / n)
               for j, a, q in zip(out["names"], out["abs_sum"], out["sq_sum"])]
     return EvalReport(run=name, checkpoint=ckpt.name, step=ckpt.step, policy_type=out["policy_type"],
-                      dataset_root=str(root), episodes=out["episodes"], held_out=held_out, frames=out["frames"],
+                      dataset_root=str(root), episodes=out["episodes"], held_out=out["held_out"], frames=out["frames"],
                       joints=joints, mae=sum(out["abs_sum"]) / (n * dim), mse=sum(out["sq_sum"]) / (n * dim),
                       lerobot=out["lerobot"], seconds=time.monotonic() - t0)

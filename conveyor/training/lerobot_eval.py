@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import sys
+from importlib import metadata
 
 
 def predict_errors(job: dict) -> dict:
     """job: pretrained (checkpoint's pretrained_model folder), root and repo_id (the dataset), episodes (None:
-    ask `held_out` after reading the dataset's episode count), trained_episodes, max_frames, device.
-    Returns the sums the caller turns into MAE/MSE, the joint names and what was evaluated."""
+    those added after the run's dataset version, see below), trained_episodes (that version's episode count,
+    or None), max_frames, device. Returns the sums the caller turns into MAE/MSE, the joint names, and what
+    was evaluated (episodes, and whether the run never saw them)."""
     import torch
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
@@ -26,7 +28,10 @@ def predict_errors(job: dict) -> dict:
     total = meta.total_episodes
     episodes, trained = job.get("episodes"), job.get("trained_episodes")
     if episodes is None:  # the episodes added after the run's dataset version; else the last one (seen)
-        episodes = list(range(trained, total)) if trained and trained < total else [total - 1]
+        held_out = bool(trained) and trained < total
+        episodes = list(range(trained, total)) if held_out else [total - 1]
+    else:
+        held_out = trained is not None and min(episodes, default=0) >= trained
     bad = [e for e in episodes if not 0 <= e < total]
     if bad:
         return {"error": f"episodes {bad} are not in the store (it has {total})"}
@@ -63,9 +68,7 @@ def predict_errors(job: dict) -> dict:
     names = meta.features.get("action", {}).get("names") or []
     dim = abs_sum.shape[0]
     names = list(names) if isinstance(names, list) and len(names) == dim else [f"joint_{i}" for i in range(dim)]
-    from importlib import metadata
-
-    return {"error": None, "policy_type": cfg.type, "episodes": episodes, "total_episodes": total,
+    return {"error": None, "policy_type": cfg.type, "episodes": episodes, "held_out": held_out,
             "frames": frames, "count": count, "names": names, "abs_sum": abs_sum.tolist(),
             "sq_sum": sq_sum.tolist(), "lerobot": metadata.version("lerobot")}
 
