@@ -121,6 +121,25 @@ def test_publish_reuses_the_backups_objects_and_gc_keeps_published_versions(lab,
     assert tree(Path(got.path)) == dataset_files(store)
 
 
+def test_backup_after_publish_sends_only_the_stores_bookkeeping(lab, tmp_path):
+    """A file is stored once whether it was published or backed up: the first backup of a published store
+    sends only the `.conveyor/` files a published version leaves out (one pack), not the dataset again."""
+    src, store = lab
+    repo = open_repo(f"file://{tmp_path / 'objects'}")
+    publish(store, repo)
+    before = objects_in(repo)
+    size = sum(p.stat().st_size for p in (tmp_path / "objects").rglob("*") if p.is_file())
+    r = B.backup(store, repo)
+    bookkeeping = {f.path for f in B.read_manifest(repo, r.snapshot).files if f.path.startswith(DOT + "/")}
+    assert r.files_sent == len(bookkeeping) and r.files_total == len(dataset_files(store)) + len(bookkeeping)
+    assert len(objects_in(repo) - before) == r.objects_sent <= 1, "at most one pack of bookkeeping files"
+    grown = sum(p.stat().st_size for p in (tmp_path / "objects").rglob("*") if p.is_file()) - size
+    assert grown < 0.2 * size, f"the repository grew by {grown} of {size} bytes"
+    B.restore(repo, r.snapshot, tmp_path / "back")      # the snapshot restores from the published objects
+    assert {rel: sha for rel, sha in tree(tmp_path / "back").items() if not rel.startswith(DOT + "/")} == \
+        dataset_files(store)
+
+
 def test_version_retention_is_dated_keeps_newest_and_pinned(lab, tmp_path):
     from datetime import datetime, timedelta, timezone
 

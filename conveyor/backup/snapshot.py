@@ -1,8 +1,9 @@
 """`backup()`: one incremental snapshot of a store or folder.
 
 A no-change backup reads no file: the local index supplies the hashes, one listing of ``blobs/`` and
-``packs/`` (one request per 1000 objects) plus the target's previous manifest tell what is already stored,
-and the only write is the new manifest.
+``packs/`` (one request per 1000 objects) plus the target's previous manifest (and, for a store, its newest
+published version: publish packs small files its own way) tell what is already stored, and the only write is
+the new manifest.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from conveyor.backup.format import BackupReport, Manifest, check_name, encode, m
 from conveyor.backup.manifests import read_manifest, snapshot_ids
 from conveyor.backup.objects import DAMAGED, Present, upload, writer_lock
 from conveyor.backup.walk import Progress, View, apply_index, hash_items, load_index, save_index, source_view
+from conveyor.datasets.format import list_versions, read_version
 from conveyor.errors import ConveyorError
 from conveyor.repo import Repo
 
@@ -59,6 +61,10 @@ def _backup_locked(repo: Repo, view: View, name: str, snap_id: str, source: Path
         raise ConveyorError(f"{repo.url}/{manifest_key(snap_id)}", "a snapshot with this id already exists")
     if prev_ids:
         present.learn(read_manifest(repo, prev_ids[-1]).files)
+    if view.kind == "store":  # a published version's small files sit in its own packs: refer to them there
+        published = list_versions(repo, name)
+        if published:
+            present.learn(read_version(repo, published[-1].key).files)
 
     changed = hash_items(view.items, view.immutable, progress, workers)
     items = [i for i in view.items if i.sha is not None]
