@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from conveyor import sizing
@@ -20,7 +20,13 @@ CONFIG_ENV = "CONVEYOR_CONFIG"
 DEFAULT_CONFIG = Path("conveyor.toml")
 
 
-class SourceSettings(BaseModel):
+class _Table(BaseModel):
+    """A `[table]` of conveyor.toml: an unknown key is a typo, refused (a lab must not run on defaults it never chose)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSettings(_Table):
     """A v2.1 recording folder the recorder writes into; its store is `<store_root>/<name>`."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="store name (folder under store_root)")
@@ -28,7 +34,7 @@ class SourceSettings(BaseModel):
     task: str | None = Field(None, description="task text for episodes recorded without one")
 
 
-class S3Settings(BaseModel):
+class S3Settings(_Table):
     """Where `s3://` URLs go. Unset fields fall back to boto3's own chain (env, profile, instance role)."""
 
     endpoint_url: str | None = None
@@ -41,7 +47,7 @@ class S3Settings(BaseModel):
     aws_credentials_block: str | None = Field(None, description="name of a prefect-aws AwsCredentials block")
 
 
-class TransferSettings(BaseModel):
+class TransferSettings(_Table):
     """boto3 TransferConfig knobs."""
 
     multipart_threshold_mb: int = 16
@@ -49,7 +55,7 @@ class TransferSettings(BaseModel):
     max_concurrency: int = 8
 
 
-class BackupSettings(BaseModel):
+class BackupSettings(_Table):
     cron: str = "30 3 * * *"
     keep_daily: int = Field(7, ge=1)
     keep_weekly: int = Field(4, ge=0)
@@ -57,7 +63,7 @@ class BackupSettings(BaseModel):
     include_sources: bool = Field(True, description="also back up the raw v2.1 recordings")
 
 
-class ScrubSettings(BaseModel):
+class ScrubSettings(_Table):
     """Nightly scrub: every committed file re-read against its sha256 (see `conveyor.scrub`)."""
 
     enabled: bool = True
@@ -66,25 +72,25 @@ class ScrubSettings(BaseModel):
     workers: int = Field(2, ge=1, description="hashing threads")
 
 
-class DatasetsSettings(BaseModel):
+class DatasetsSettings(_Table):
     """Published dataset versions (`conveyor publish`, `conveyor datasets`)."""
 
     keep_days: int = Field(30, ge=0, description="published versions younger than this are kept; older ones go, "
                                                  "except each store's newest and any pinned by an unfinished run")
 
 
-class ScheduleSettings(BaseModel):
+class ScheduleSettings(_Table):
     nightly_cron: str = "0 2 * * *"
     timezone: str = "UTC"
 
 
-class WatchSettings(BaseModel):
+class WatchSettings(_Table):
     settle_seconds: float = Field(1.0, ge=0, description="file sizes must be stable this long")
     debounce_seconds: float = Field(0.3, ge=0)
     rescan_seconds: float = Field(60.0, gt=0, description="periodic full rescan for missed events")
 
 
-class TrainTriggerSettings(BaseModel):
+class TrainTriggerSettings(_Table):
     """When ingest launches the `train` deployment."""
 
     policy: Literal["off", "every_n", "nightly"] = "off"
@@ -109,7 +115,7 @@ def default_machine() -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname().split(".")[0]).strip("-") or "conveyor"
 
 
-class PrefectSettings(BaseModel):
+class PrefectSettings(_Table):
     api_url: str | None = Field(None, description="shared Prefect server; None = `conveyor up` starts one")
     host: str = "127.0.0.1"
     port: int = Field(4200, ge=1, le=65535)
@@ -188,6 +194,27 @@ def _resolve(base: Path, s: Settings) -> Settings:
     return s
 
 
+def _unknown_key(loc: tuple) -> str:
+    """One line for a typo: the key, where it came from (file or CONVEYOR_* variable), and the nearest valid key."""
+    import difflib
+
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:  # walk down to the table holding the unknown key; list indices ([[sources]]) skip
+        if isinstance(part, int):
+            continue
+        ann = model.model_fields[part].annotation
+        model = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and
+                      issubclass(a, BaseModel)), model)
+    valid = [k for k in model.model_fields if k != "config_path"]
+    key = ".".join(str(x) for x in loc)
+    env = "CONVEYOR_" + "__".join(str(x) for x in loc if not isinstance(x, int)).upper()
+    where = f" (from ${env})" if env in os.environ else ""
+    near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+    hint = f"did you mean `{'.'.join(str(x) for x in (*loc[:-1], near[0]))}`?" if near else \
+        f"valid keys here: {', '.join(valid)}"
+    return f"unknown setting `{key}`{where}: {hint}"
+
+
 def load_settings(config: str | os.PathLike | None = None) -> Settings:
     """`--config` beats `$CONVEYOR_CONFIG` beats `./conveyor.toml`; a missing default file means defaults."""
     explicit = config or os.environ.get(CONFIG_ENV)
@@ -205,6 +232,8 @@ def load_settings(config: str | os.PathLike | None = None) -> Settings:
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ConveyorError(path, _unknown_key(err["loc"])) from None
         raise ConveyorError(path, f"invalid setting `{key}`: {err['msg']}") from None
     s.config_path = path.resolve() if path.exists() else None
     return _resolve(path.resolve().parent if path.exists() else Path.cwd(), s)

@@ -135,3 +135,42 @@ def test_up_gives_flows_the_paths_resolved_where_it_was_started(tmp_path, monkey
     assert seen["store_root"] == str(tmp_path / "data" / "stores")
     assert seen["work_dir"] == str(tmp_path / "data" / "work")
     assert seen["storage_url"] == f"file://{tmp_path / 'data' / 'objects'}"
+
+
+@pytest.mark.parametrize("text, key, near", [
+    ('[backup]\nkeep_daly = 3\n', "backup.keep_daly", "backup.keep_daily"),
+    ('[s3]\nendpoint_ur = "http://x"\n', "s3.endpoint_ur", "s3.endpoint_url"),
+    ('[training]\npolcy = "off"\n', "training.polcy", "training.policy"),
+    ('[scrub]\nrepiar = true\n', "scrub.repiar", "scrub.repair"),
+    ('[prefect]\nmachin = "rig-a"\n', "prefect.machin", "prefect.machine"),
+    ('[transfer]\nmax_concurency = 4\n', "transfer.max_concurency", "transfer.max_concurrency"),
+    ('[datasets]\nkeep_dys = 4\n', "datasets.keep_dys", "datasets.keep_days"),
+    ('[schedules]\ntimezon = "UTC"\n', "schedules.timezon", "schedules.timezone"),
+    ('[watch]\nsettle_second = 2\n', "watch.settle_second", "watch.settle_seconds"),
+    ('[[sources]]\nname = "a"\npath = "x"\ntsk = "y"\n', "sources.0.tsk", "sources.0.task"),
+    ('stor_root = "x"\n', "stor_root", "store_root"),
+])
+def test_a_typo_inside_any_table_is_refused_naming_the_nearest_key(tmp_path, text, key, near):
+    cfg = tmp_path / "conveyor.toml"
+    cfg.write_text(text, encoding="utf-8")
+    p = _conveyor("--config", str(cfg), "config", "show", env={"PATH": "/usr/bin:/bin"})
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.strip().count("\n") == 0, p.stderr
+    assert str(cfg) in p.stderr and f"`{key}`" in p.stderr and f"did you mean `{near}`?" in p.stderr
+
+
+def test_a_typo_in_a_nested_environment_variable_is_refused_too(tmp_path, monkeypatch):
+    """CONVEYOR_<TABLE>__<KEY> goes through the same model; a top-level CONVEYOR_* name is not checked (the prefix
+    is shared with CONVEYOR_CONFIG, CONVEYOR_CRASH_AT and the like)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CONVEYOR_CONFIG", raising=False)
+    monkeypatch.setenv("CONVEYOR_BACKUP__KEEP_DALY", "3")
+    with pytest.raises(ConveyorError) as e:
+        load_settings()
+    assert "`backup.keep_daly` (from $CONVEYOR_BACKUP__KEEP_DALY)" in str(e.value)
+    assert "did you mean `backup.keep_daily`?" in str(e.value)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[watch]\nzzz = 1\n', encoding="utf-8")
+    monkeypatch.delenv("CONVEYOR_BACKUP__KEEP_DALY")
+    with pytest.raises(ConveyorError, match="valid keys here: settle_seconds, debounce_seconds, rescan_seconds"):
+        load_settings(cfg)
