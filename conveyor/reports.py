@@ -64,6 +64,43 @@ class CompactReport:
 
 
 @dataclass
+class CurationReport:
+    """One curation commit (`conveyor/curate.py`): what it did and the store before -> after."""
+
+    store: str
+    action: str  # drop | undrop | trim | retask | rename
+    episodes: list[int]  # store episode indices acted on, as numbered before (undrop: drop ids; after: `added`)
+    version: DatasetVersion  # the new version
+    parent: DatasetVersion  # the version it was made from
+    episodes_before: int = 0
+    episodes_after: int = 0
+    frames_before: int = 0
+    frames_after: int = 0
+    fps: int = 0
+    reason: str = ""
+    added: list[int] = field(default_factory=list)  # undrop: the store indices the episodes came back as
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    @property
+    def minutes_before(self) -> float:
+        return self.frames_before / self.fps / 60 if self.fps else 0.0
+
+    @property
+    def minutes_after(self) -> float:
+        return self.frames_after / self.fps / 60 if self.fps else 0.0
+
+    def summary(self) -> str:
+        """One line: what changed, before -> after, and the new version."""
+        return (f"{self.action} {len(self.episodes)} episode(s): {self.episodes_before} -> {self.episodes_after} "
+                f"episodes, {self.frames_before} -> {self.frames_after} frames, {self.minutes_before:.1f} -> "
+                f"{self.minutes_after:.1f} min; version {self.version.short}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"minutes_before": self.minutes_before, "minutes_after": self.minutes_after}
+
+
+@dataclass
 class Check:
     name: str
     ok: bool

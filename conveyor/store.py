@@ -30,7 +30,7 @@ from pathlib import Path
 from conveyor import layout
 from conveyor.errors import ConveyorError, StoreLocked
 from conveyor.fileio import fsync_dir, sha256_file, write_atomic
-from conveyor.ledger import LedgerRecord, append_ledger, read_ledger
+from conveyor.ledger import LedgerRecord, LedgerState, append_ledger, read_ledger, read_state
 from conveyor.version import DatasetVersion
 
 DOT = ".conveyor"
@@ -209,6 +209,10 @@ class Store:
     def ledger(self) -> list[LedgerRecord]:
         """Source episode -> store episode records of committed commits, in store order."""
         return read_ledger(self.dot / "ledger.jsonl", self.head_commit())
+
+    def ledger_state(self) -> LedgerState:
+        """The ledger with its dropped source episodes and curation records (`conveyor/curate.py`)."""
+        return read_state(self.dot / "ledger.jsonl", self.head_commit())
 
     # -- locking ---------------------------------------------------------------------------------------
 
