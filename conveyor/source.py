@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from conveyor.cameras import check_declared_cameras
 from conveyor.errors import BadEpisode, ConveyorError
 from conveyor.fileio import group_digest, group_digests_in_child
 
@@ -214,12 +215,14 @@ class V21Source:
             raise ConveyorError(self.root / "meta/info.json",
                                 f"feature mismatch with store {store_root}: {', '.join(diff)}")
 
-    def check_declared_cameras(self, ready: list[SourceEpisode]) -> None:
-        """Refuse declared camera streams the first complete, readable episode's files do not have (see
-        below); an episode whose video does not open is left for ingest to quarantine."""
+    def check_declared_cameras(self, ready: list[SourceEpisode]) -> SourceEpisode | None:
+        """Refuse declared camera streams the first complete, readable episode's files do not have
+        (conveyor/cameras.py); an episode whose video does not open is left for ingest to quarantine.
+        Returns the episode checked, None when no episode's videos open."""
         for episode in ready:
-            if check_declared_cameras(self, episode):
-                return
+            if check_declared_cameras(self.root, self.features, episode.videos):
+                return episode
+        return None
 
     # -- completeness ---------------------------------------------------------------------------------
 
@@ -329,80 +332,3 @@ def check_video_length(path: Path, frames: int, length: int, ep: int) -> None:
 def scan_source(path: str | Path) -> SourceScan:
     """Which episodes of a recording are complete, still being written, or broken."""
     return V21Source.open(path).scan()[1]
-
-
-def check_declared_cameras(src: V21Source, episode: SourceEpisode) -> bool:
-    """Refuse a source whose info.json declares camera streams its files do not have (one line, the camera).
-
-    Checked on `episode` (the first complete one) before anything is written, because the store copies
-    the declared shape into its own info.json and lerobot and the policy trust it over the pixels.
-    False when one of its videos does not open (a broken episode: ingest quarantines it).
-    """
-    headers = {key: _stream_header(path) for key, path in episode.videos.items()}
-    if any(h is None for h in headers.values()):
-        return False
-    for key, path in episode.videos.items():
-        declared = _declared_stream(src.features[key])
-        actual = headers[key]
-        wrong = [f"{what} {declared[what]:g} declared, {actual[what]:g} in the file" if what == "fps"
-                 else f"{what} {declared[what]} declared, {actual[what]} in the file"
-                 for what in ("height", "width", "fps", "pix_fmt") if what in declared and actual[what] is not None
-                 and (abs(declared[what] - actual[what]) > 0.01 if what == "fps" else declared[what] != actual[what])]
-        if "codec" in declared and not _same_codec(declared["codec"], actual["codec"]):
-            wrong.append(f"codec {declared['codec']} declared, {actual['codec']} in the file")
-        if wrong:
-            raise ConveyorError(src.root / "meta" / "info.json",
-                                f"camera {key}: {'; '.join(wrong)} ({path.relative_to(src.root)})")
-    return True
-
-
-def _declared_stream(feature: dict) -> dict:
-    """height/width (from `shape` and `names`), fps, codec, pix_fmt as info.json declares them."""
-    out: dict = {}
-    shape, names = list(feature.get("shape") or []), list(feature.get("names") or [])
-    if len(shape) == 3:
-        if "height" in names and "width" in names:
-            out["height"], out["width"] = int(shape[names.index("height")]), int(shape[names.index("width")])
-        else:  # lerobot's default order: height, width, channels
-            out["height"], out["width"] = int(shape[0]), int(shape[1])
-    info = feature.get("info") or {}
-    for key, what in (("video.height", "height"), ("video.width", "width")):
-        if key in info and what not in out:
-            out[what] = int(info[key])
-    fps = info.get("video.fps", feature.get("fps"))
-    if fps is not None:
-        out["fps"] = float(fps)
-    if info.get("video.codec"):
-        out["codec"] = str(info["video.codec"])
-    if info.get("video.pix_fmt"):
-        out["pix_fmt"] = str(info["video.pix_fmt"])
-    return out
-
-
-def _stream_header(path: Path) -> dict | None:
-    """The first video stream's header (no packets read); None when the file does not open as a video."""
-    import av
-
-    try:
-        with av.open(str(path)) as c:
-            if not c.streams.video:
-                return None
-            s = c.streams.video[0]
-            rate = s.average_rate or s.guessed_rate
-            return {"height": s.codec_context.height, "width": s.codec_context.width,
-                    "fps": round(float(rate), 3) if rate else None, "pix_fmt": s.codec_context.pix_fmt,
-                    "codec": s.codec_context.name, "codec_id": s.codec_context.codec.id}
-    except (av.error.FFmpegError, OSError):
-        return None
-
-
-def _same_codec(declared: str, actual: str) -> bool:
-    """`av1` declared and decoded by libdav1d is the same codec: compare FFmpeg codec ids."""
-    import av
-
-    if declared == actual:
-        return True
-    try:
-        return av.Codec(declared, "r").id == av.Codec(actual, "r").id
-    except Exception:  # noqa: BLE001 - an encoder-only or unknown name: compare as text
-        return False

@@ -12,6 +12,38 @@ import pytest
 from conveyor.prefect_server import prefect_env, start_prefect_server
 from conveyor.processes import free_port
 
+# Test tiers (pyproject.toml's markers): `prefect` is applied here to every test that uses a Prefect server
+# fixture, directly or through another fixture, and `postgres` to every test on the PostgreSQL one; the other
+# markers are set by hand where a test needs lerobot, Chromium or strace.
+SERVER_MARKS = {"prefect_server": ("prefect",), "postgres_prefect_server": ("prefect", "postgres")}
+
+# Under CONVEYOR_CI_NO_SKIP=1 (set by .ci/run) a skip is a failure: CI installs what the tests need, so a skip
+# there means it did not. Only these reasons are legitimate on a CI machine (not something CI installs).
+CI_LEGITIMATE_SKIPS = ("this machine has CUDA", "cannot mount a tmpfs here", "cannot bind-mount here")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marks in SERVER_MARKS.items():
+            if fixture in item.fixturenames:  # the closure: fixtures that fixtures use count too
+                for mark in marks:
+                    item.add_marker(mark)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and os.environ.get("CONVEYOR_CI_NO_SKIP") == "1" and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if not reason.startswith(CI_LEGITIMATE_SKIPS):
+            rep.outcome = "failed"
+            rep.longrepr = f"skipped under CONVEYOR_CI_NO_SKIP=1, CI should have provided it: {reason}"
+
+
+pytest_plugins = ["pytester"]  # tests/test_tiers.py runs the hooks below on small test files
+
 # nothing in the test session may reach a hub
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SVT_LOG="1",
                   PREFECT_SERVER_ANALYTICS_ENABLED="false")

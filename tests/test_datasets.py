@@ -412,6 +412,7 @@ TINY_ACT = {"policy.pretrained_backbone_weights": None, "policy.dim_model": 32, 
             "policy.n_vae_encoder_layers": 1, "policy.chunk_size": 5, "policy.n_action_steps": 5}
 
 
+@pytest.mark.lerobot
 @pytest.mark.slow
 def test_pinned_run_survives_compaction_and_appends(prefect_server, tmp_path):
     """The issue's failure: a run on a store of one-episode commits; compaction merges the files (and more

@@ -163,13 +163,25 @@ def test_declared_cameras_are_checked_on_the_first_readable_episode(tmp_path, ca
         in one_error_line(capsys)
 
 
-def test_av1_declared_and_decoded_by_another_decoder_is_the_same_codec(tmp_path):
+def test_av1_declared_and_decoded_by_another_decoder_is_the_same_codec(tmp_path, capsys):
+    from conveyor.cameras import same_codec, stream_header
     from conveyor.source import V21Source
 
     rec = write_recording(tmp_path / "rec", episodes=1, lengths=4,
                           spec=RecordingSpec(fps=10, cameras=(CameraSpec("observation.images.cam"),)))
     src = V21Source.open(rec)
-    src.check_declared_cameras(src.scan()[0])  # av1 declared, libdav1d decodes: no complaint
+    checked = src.check_declared_cameras(src.scan()[0])  # av1 declared, libdav1d decodes: no complaint
+    assert checked is not None and checked.index == 0, "the check ran on an episode whose video opened"
+    decoder = stream_header(checked.videos["observation.images.cam"])["codec"]
+    assert src.features["observation.images.cam"]["info"]["video.codec"] == "av1"
+    assert same_codec("av1", decoder) and not same_codec("h264", decoder)
+    # the same check refuses a codec the file does not have
+    info_path = rec / "meta/info.json"
+    info = json.loads(info_path.read_text())
+    info["features"]["observation.images.cam"]["info"]["video.codec"] = "h264"
+    info_path.write_text(json.dumps(info, indent=4))
+    assert main(["convert", str(rec), str(tmp_path / "bad")]) == 1
+    assert f"codec h264 declared, {decoder} in the file" in one_error_line(capsys)
 
 
 # -- see the store: conveyor stores / show ------------------------------------------------------------------
@@ -335,6 +347,7 @@ def test_ingest_run_reads_as_history_with_validation_store_and_progress_artifact
     assert _api(prefect_api, "GET", f"/flow_runs/{res['run_id']}")["name"] == f"{name} nothing new (c1), 1 quarantined"
 
 
+@pytest.mark.lerobot
 def test_watch_deep_check_verdict_lands_on_the_ingest_run(prefect_api, tmp_path):
     from prefect import flow, get_run_logger
 

@@ -25,7 +25,7 @@ TINY_ACT = {"policy.pretrained_backbone_weights": None, "policy.dim_model": 32, 
             "policy.n_vae_encoder_layers": 1, "policy.chunk_size": 5, "policy.n_action_steps": 5}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.lerobot]
 
 
 @pytest.fixture(scope="session")

@@ -137,6 +137,7 @@ def s3_json(s3, key: str) -> dict | None:
         return None
 
 
+@pytest.mark.lerobot
 def test_gpu_machine_dies_mid_run_and_another_resumes_it(postgres_prefect_server, s3_endpoint, tmp_path):
     """Recording PC + two GPU boxes on a Prefect server backed by PostgreSQL: a growing recording is ingested,
     training is triggered, GPU box 1 trains and archives a checkpoint, then dies; the server's rescue

@@ -87,6 +87,7 @@ def test_scrub_passes_a_good_store_and_names_every_kind_of_damage(store, capsys)
     assert "3 damaged, 1 missing, 1 extra" in out
 
 
+@pytest.mark.lerobot
 def test_issue_case_validate_fails_cleanly_and_scrub_catches_it(store, tmp_path):
     """64 zero bytes in the middle of one camera's mp4: fast validate fails (sha256), deep validate FAILs
     naming episode, camera and file (no traceback), scrub names the file and its episodes."""
@@ -240,6 +241,7 @@ def _nightly_config(tmp_path: Path, url: str, extra: str = "") -> Path:
     return cfg
 
 
+@pytest.mark.lerobot
 @pytest.mark.slow
 def test_nightly_scrubs_repairs_and_fails_loudly_on_lost_files(prefect_server, tmp_path):
     from conveyor.repo import open_repo
@@ -281,6 +283,7 @@ def test_nightly_scrubs_repairs_and_fails_loudly_on_lost_files(prefect_server, t
     assert f"| `{video.relative_to(store).as_posix()}` | damaged | episodes 0-2, camera {PHONE} | **LOST**" in md
 
 
+@pytest.mark.lerobot
 @pytest.mark.parametrize("rel,damage", [
     ("data/chunk-000/file-001.parquet", "zero"),
     ("data/chunk-000/file-001.parquet", "truncate"),

@@ -181,6 +181,7 @@ def prefect_api(prefect_server) -> str:
     return prefect_server.api_url
 
 
+@pytest.mark.lerobot
 def test_ingest_flow_lands_good_episodes_quarantines_bad_and_records_artifacts(prefect_api, tmp_path):
     from flows.ingest import ingest
 
@@ -362,6 +363,7 @@ def _pids_with_env(needle: str) -> list[int]:
     return marked_pids(value, key)
 
 
+@pytest.mark.prefect
 @pytest.mark.slow
 def test_conveyor_up_runs_the_service_and_stops_cleanly(tmp_path):
     name = "up-src"
@@ -495,6 +497,7 @@ def record(w: RecordingWriter, episodes: range, interval: float, stop: threading
     return t
 
 
+@pytest.mark.prefect
 @pytest.mark.slow
 def test_up_restarts_its_killed_prefect_server_and_lands_every_episode_once(tmp_path):
     """Hostile: SIGKILL the server of `conveyor up` while the recorder keeps writing. `up` restarts it on the
@@ -700,6 +703,7 @@ def test_a_cpu_deployment_on_the_default_queue_is_replaced_on_an_own_server_and_
 
 # -- nightly and demo -------------------------------------------------------------------------------------
 
+@pytest.mark.lerobot
 def test_nightly_catches_up_compacts_deep_checks_and_trains_once_per_version(prefect_api, tmp_path):
     from flows.ingest import ingest
     from flows.nightly import nightly

@@ -115,6 +115,7 @@ def test_rows_frames_and_tasks_exact(mixed_source, mixed_store):
     assert tasks == ["抓取方块", "把方块放进盒子", "stack the cups"]  # empty task -> settings text
 
 
+@pytest.mark.lerobot
 def test_lerobot_loads_store_with_source_values(mixed_source, mixed_store):
     report = validate_deep(mixed_store, against=mixed_source)
     assert report.ok, report.failures
@@ -143,6 +144,7 @@ def test_tiny_mutation_is_caught(mixed_source, mixed_store, tmp_path):
     assert "episode 1: stats" in failed
 
 
+@pytest.mark.lerobot
 def test_no_camera_dataset(tmp_path):
     src = write_recording(tmp_path / "src", episodes=3, lengths=[4, 1, 6], spec=RecordingSpec(cameras=()))
     convert(src, tmp_path / "store")
@@ -150,6 +152,7 @@ def test_no_camera_dataset(tmp_path):
     assert validate_deep(tmp_path / "store", against=src).ok
 
 
+@pytest.mark.lerobot
 def test_matches_lerobot_official_converter(tmp_path):
     """On input the official converter handles, both outputs load to identical items."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -194,6 +197,7 @@ def test_incremental_growth_equals_one_shot_and_is_idempotent(tmp_path):
     assert len(list((store / "data").glob("*/*.parquet"))) == 3  # one new file per commit, none rewritten
 
 
+@pytest.mark.lerobot
 def test_compaction_after_many_one_episode_ingests(tmp_path):
     src, store = tmp_path / "src", tmp_path / "store"
     w = RecordingWriter(src, MIXED)
@@ -245,6 +249,7 @@ def test_one_at_a_time_then_compact_gives_the_files_of_a_one_shot_convert(tmp_pa
     assert validate_fast(store, against=src).ok
 
 
+@pytest.mark.lerobot
 def test_rollover_with_tiny_size_limits(tmp_path):
     src = write_recording(tmp_path / "src", episodes=5, lengths=[6, 2, 5, 3, 4], spec=AV1_ONLY)
     convert(src, tmp_path / "store", data_mb=0.0008, video_mb=0.004)  # ~800 B and ~4 KB
@@ -382,6 +387,7 @@ def test_sigkill_at_random_times_then_rerun(crash_source, crash_base, tmp_path):
         assert Store.open(store).version.total_episodes == 4
 
 
+@pytest.mark.strace
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (.ci/run installs it)")
 def test_a_commit_flushes_every_file_it_adds_before_its_record(crash_source, crash_base, tmp_path):
     """Power loss cannot be staged here, so watch the system calls: every file the commit makes visible is
@@ -533,6 +539,7 @@ def test_paths_and_usage(good, tmp_path):
 
 # -- lerobot-train accepts the store ---------------------------------------------------------------------
 
+@pytest.mark.lerobot
 @pytest.mark.slow
 def test_lerobot_train_act_two_steps_on_converted_store(mixed_store, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")

@@ -84,6 +84,7 @@ def vla_zh(env, prefect_server) -> dict:
     return run_flow(env, smolvla(env, run_name="vla-zh"))
 
 
+@pytest.mark.lerobot
 @pytest.mark.slow
 def test_smolvla_trains_on_chinese_task_and_archives(env, prefect_server, vla_zh):
     import pyarrow.parquet as pq
@@ -120,6 +121,7 @@ def test_smolvla_trains_on_chinese_task_and_archives(env, prefect_server, vla_zh
     assert progress and float(progress[0]["data"]) == 100.0
 
 
+@pytest.mark.lerobot
 @pytest.mark.slow
 def test_same_run_name_again_says_finished(env, prefect_server, vla_zh, capsys):
     from conveyor.cli import main
@@ -133,6 +135,7 @@ def test_same_run_name_again_says_finished(env, prefect_server, vla_zh, capsys):
     assert "run vla-zh already finished at step 4" in capsys.readouterr().out
 
 
+@pytest.mark.lerobot
 @pytest.mark.slow
 def test_act_trains_and_evaluates(env, prefect_server, capsys):
     from conveyor.cli import main
@@ -154,6 +157,7 @@ def test_act_trains_and_evaluates(env, prefect_server, capsys):
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
 
 
+@pytest.mark.lerobot
 @pytest.mark.slow
 def test_killed_training_resumes_on_flow_retry(env, prefect_server):
     request = smolvla(env, run_name="vla-kill", steps=12, save_freq=3)
@@ -187,6 +191,7 @@ def test_killed_training_resumes_on_flow_retry(env, prefect_server):
     assert runs[0]["state_type"] == "COMPLETED" and runs[0]["run_count"] == 2
 
 
+@pytest.mark.lerobot
 @pytest.mark.slow
 def test_resume_from_s3_archive_on_another_machine(env, prefect_server, s3_endpoint):
     """Output dir gone and the VLM folder moved: the retry downloads, verifies, rewrites paths, resumes."""
@@ -299,6 +304,7 @@ def test_incomplete_local_checkpoint_is_ignored(checkpoint, tmp_path):
     assert ck.newest_local(tmp_path / "lerobot") is None
 
 
+@pytest.mark.lerobot
 def test_resume_across_the_06_config_line_is_refused(env, settings, checkpoint):
     """A checkpoint whose train_config.json uses the other side's names (eval_freq vs env_eval_freq)."""
     from conveyor.training.attempt import resume_args
@@ -326,6 +332,7 @@ def settings(env):
     return load_settings(env["config"])
 
 
+@pytest.mark.lerobot
 @pytest.mark.parametrize("change, where, sentence", [
     ({"options": {"dataset.single_task": "抓取方块"}}, "--dataset.single_task",
      f"`--dataset.single_task` is not a lerobot-train option in {LEROBOT}; set the task at ingest."),
@@ -359,6 +366,7 @@ def test_preflight_refuses_with_one_sentence(env, settings, change, where, sente
     assert "\n" not in e.value.problem
 
 
+@pytest.mark.lerobot
 def test_preflight_refuses_cuda_without_cuda(env, settings):
     import torch
 
@@ -372,6 +380,7 @@ def test_preflight_refuses_cuda_without_cuda(env, settings):
                                "pool or set device=cpu.")
 
 
+@pytest.mark.lerobot
 def test_preflight_refuses_act_imagenet_backbone_offline(env, settings, tmp_path, monkeypatch):
     from conveyor.training.preflight import preflight
 
@@ -381,6 +390,7 @@ def test_preflight_refuses_act_imagenet_backbone_offline(env, settings, tmp_path
     assert "policy.pretrained_backbone_weights=null" in e.value.problem
 
 
+@pytest.mark.lerobot
 def test_preflight_plan(env, settings):
     from conveyor.training.preflight import preflight
 
@@ -397,6 +407,7 @@ def test_preflight_plan(env, settings):
     assert plan.lab_versions["lerobot"] == LEROBOT and plan.option_notes == []
 
 
+@pytest.mark.lerobot
 def test_preflight_passes_renamed_options_under_the_labs_name(env, settings):
     from conveyor.training.preflight import preflight
 
@@ -426,6 +437,7 @@ def _fake_lab_env(root: Path, version: str) -> Path:
     return exe
 
 
+@pytest.mark.lerobot
 def test_preflight_refuses_a_lerobot_outside_the_supported_range(env, tmp_path):
     from conveyor.settings import load_settings
     from conveyor.training.preflight import preflight
@@ -480,6 +492,7 @@ def test_deployment_parameter_schema_is_the_request_form(prefect_server):
     assert form["archive"]["default"] is True
 
 
+@pytest.mark.lerobot
 def test_refused_request_fails_once_without_retries(env, prefect_server):
     """A preflight refusal is final: the flow's retries (meant for resuming) are not spent on it."""
     request = smolvla(env, run_name="refused-once", options={**TINY_SMOLVLA, "dataset.single_task": "x"})

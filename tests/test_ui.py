@@ -19,7 +19,7 @@ import pytest
 from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                  reason="needs Debian's chromium for the browser check: apt-get install -y chromium")]
 

@@ -117,6 +117,7 @@ def test_a_missed_event_is_caught_by_the_rescan(tmp_path):
     assert calls == [[0], [1]]
 
 
+@pytest.mark.lerobot
 def test_deep_check_runs_lerobot_in_a_child_and_reports_its_failures(tmp_path):
     """The watch/worker process never imports torch for a deep check; a store lerobot cannot load fails."""
     import json
