@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 import os
+import re
+
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+
+
+def mask_userinfo(text: str) -> str:
+    """Every `scheme://user:secret@host` in `text` becomes `scheme://***@host`: a URL typed with credentials
+    in it must not be echoed into an error, a log line or an artifact."""
+    return _USERINFO.sub(r"\1***@", text) if "@" in text else text
 
 
 class ConveyorError(Exception):
-    """A problem with a specific file or folder; `str()` is `<path>: <problem>`."""
+    """A problem with a specific file or folder; `str()` is `<path>: <problem>` (URL credentials masked)."""
 
     def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = str(path)
-        self.problem = problem
+        self.path = mask_userinfo(str(path))
+        self.problem = mask_userinfo(problem)
         super().__init__(f"{self.path}: {problem}")
 
 

@@ -174,8 +174,18 @@ class Settings(BaseSettings):
         raise ConveyorError(self.config_path or "settings", f"no source named {name!r}")
 
     def masked(self) -> dict[str, Any]:
-        """Resolved settings as plain data with every secret replaced by '***'."""
-        return self.model_dump(mode="json")  # SecretStr dumps as '**********'
+        """Resolved settings as plain data with every secret replaced by '***', URL credentials included
+        (`storage_url = "s3://KEY:SECRET@bucket"` shows as `s3://***@bucket`)."""
+        from conveyor.errors import mask_userinfo
+
+        def mask(v):
+            if isinstance(v, dict):
+                return {k: mask(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [mask(x) for x in v]
+            return mask_userinfo(v) if isinstance(v, str) else v
+
+        return mask(self.model_dump(mode="json"))  # SecretStr dumps as '**********'
 
 
 def _resolve(base: Path, s: Settings) -> Settings:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, mask_userinfo
 from conveyor.prefect_server import PrefectServer, start_prefect_server, wait_healthy
 from conveyor.processes import marked_pids, port_in_use, stop_process, sweep
 from conveyor.settings import Settings, SourceSettings
@@ -181,7 +181,7 @@ class Supervisor:
             logs.insert(0, self.server.log_path)
         return [f"  stores:       {s.store_root}  ({names})",
                 f"  work folder:  {s.work_dir}",
-                f"  objects:      {s.storage_url}",
+                f"  objects:      {mask_userinfo(s.storage_url)}",
                 f"  cache:        {cache_dir(s)}",
                 f"  logs:         {', '.join(map(str, logs))}",
                 f"  config:       {s.config_path or '(none: defaults + CONVEYOR_* environment)'}"]

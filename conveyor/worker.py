@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, mask_userinfo
 from conveyor.prefect_server import prefect_env, wait_healthy
 from conveyor.processes import stop_process, sweep
 from conveyor.settings import Settings
@@ -77,10 +77,10 @@ def served(settings: Settings, pool: str, api_url: str) -> list[tuple[str, str]]
     """What a worker of this machine serves, as (label, value) lines for the terminal."""
     queue = machine_queue(settings, pool)
     return [("pool", pool + (f", work queue {queue} (this machine's runs only)" if queue else "")),
-            ("Prefect API", api_url),
+            ("Prefect API", mask_userinfo(api_url)),
             ("config", str(settings.config_path or "(none: defaults + CONVEYOR_* environment)")),
             ("store_root", str(settings.store_root)), ("work_dir", str(settings.work_dir)),
-            ("cache_dir", str(cache_dir(settings))), ("storage", settings.storage_url),
+            ("cache_dir", str(cache_dir(settings))), ("storage", mask_userinfo(settings.storage_url)),
             ("project", str(PROJECT_DIR))]
 
 

@@ -102,3 +102,45 @@ def test_unreachable_endpoint_is_transient_and_secret_free(monkeypatch, caplog):
         repo.put_bytes("k", b"1")
     assert "cannot reach" in str(e.value)
     assert SECRET not in str(e.value) and SECRET not in repr(s3) and SECRET not in caplog.text
+
+
+URL_SECRET = "URLSECRET321"
+
+
+def test_credentials_in_a_url_are_masked_everywhere_it_is_printed(tmp_path):
+    """`s3://KEY:SECRET@bucket/x` given to backup, verify, prune, publish or as storage_url: every command refuses it
+    in one line that shows `s3://***@bucket/x`; `config show`, the logging filter and `URL@SNAPSHOT` parsing mask it."""
+    import subprocess
+    import sys
+
+    from conveyor.backup.format import split_ref
+    from conveyor.ingest import convert
+    from conveyor.repo.redact import Redact
+    from conveyor.synthetic.recording import write_recording
+
+    url = f"s3://AKIAX:{URL_SECRET}@bucket/x"
+    convert(write_recording(tmp_path / "rec", episodes=1, lengths=4), tmp_path / "stores" / "p4")
+    cfg = tmp_path / "conveyor.toml"
+    cfg.write_text(f'store_root = "stores"\nstorage_url = "{url}"\n[prefect]\napi_url = "http://u:{URL_SECRET}@h/api"\n',
+                   encoding="utf-8")
+    env = dict(os.environ, CONVEYOR_CONFIG=str(cfg))
+    for args in (["backup", "p4", "--to", url], ["backup", "p4"], ["backup", "verify", url + "@latest"],
+                 ["backup", "verify", f"s3://AKIAX:{URL_SECRET}@bucket"], ["backup", "prune", url],
+                 ["publish", "p4", "--to", url], ["publish", "p4"]):
+        p = subprocess.run([sys.executable, "-m", "conveyor.cli", *args], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=120)
+        assert p.returncode == 1 and URL_SECRET not in p.stdout + p.stderr, (args, p.stderr)
+        assert p.stderr.count("\n") == 1 and "s3://***@bucket" in p.stderr and "credentials do not belong" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "conveyor.cli", "config", "show"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=60)
+    assert p.returncode == 0 and URL_SECRET not in p.stdout
+    assert '"storage_url": "s3://***@bucket/x"' in p.stdout and '"api_url": "http://***@h/api"' in p.stdout
+
+    assert split_ref(url) == (url, None) and split_ref(url + "@latest") == (url, "latest")
+    assert split_ref("s3://bucket@lab/2026") == ("s3://bucket", "lab/2026")
+    record = logging.LogRecord("botocore", logging.DEBUG, __file__, 1, "GET %s", (url,), None)
+    Redact().filter(record)
+    assert record.getMessage() == "GET s3://***@bucket/x"
+    with pytest.raises(ConveyorError) as e:
+        open_repo(url)
+    assert URL_SECRET not in str(e.value)

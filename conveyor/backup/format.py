@@ -156,7 +156,9 @@ def manifest_key(snapshot_id: str) -> str:
 
 def split_ref(url: str) -> tuple[str, str | None]:
     """`URL@SNAPSHOT` -> (URL, SNAPSHOT); SNAPSHOT may be `target`, `target/stamp-prefix`, a stamp prefix, `latest`."""
-    if "@" in url:
+    authority, _, path = url.partition("://")[2].partition("/")
+    user, at, _ = authority.rpartition("@")
+    if "@" in path or (at and ":" not in user):  # `KEY:SECRET@bucket` is userinfo (open_repo refuses it), no ref
         base, ref = url.rsplit("@", 1)
         if not ref:
             raise ConveyorError(url, "empty snapshot after '@'")

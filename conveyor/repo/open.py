@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, mask_userinfo
 from conveyor.repo.base import Repo
 from conveyor.repo.file import FileRepo
 from conveyor.repo.s3 import S3Repo
@@ -11,7 +11,13 @@ from conveyor.settings import S3Settings, TransferSettings
 
 
 def open_repo(url: str, settings: S3Settings | None = None, transfer: TransferSettings | None = None) -> Repo:
-    """`file:///abs/path` or `s3://bucket[/prefix]` -> a Repo."""
+    """`file:///abs/path` or `s3://bucket[/prefix]` -> a Repo. Credentials in the URL are refused (the message
+    masks them): they belong in `[s3]`, the AWS_* environment, a profile or a credentials block, never in a URL
+    that ends up in logs, run parameters and artifacts."""
+    if "@" in url.partition("://")[2].partition("/")[0]:
+        raise ConveyorError(mask_userinfo(url), "credentials do not belong in a storage URL: put them in [s3] "
+                                                "access_key_id / secret_access_key, the AWS_* environment or a "
+                                                "profile, and name only s3://bucket/prefix")
     if url.startswith("file://"):
         path = url[len("file://"):]
         if not path:

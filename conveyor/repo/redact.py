@@ -1,7 +1,11 @@
-"""Keep S3 credentials out of logs."""
+"""Keep S3 credentials out of logs: known secret values, and the userinfo of any URL (`s3://KEY:SECRET@bucket`)."""
 from __future__ import annotations
 
 import threading
+
+from conveyor.errors import mask_userinfo
+
+__all__ = ["Redact", "mask_userinfo"]
 
 
 class Redact:
@@ -32,8 +36,9 @@ class Redact:
             msg = record.getMessage()
         except Exception:  # noqa: BLE001 - a malformed record is not ours to fix
             return True
-        if any(v in msg for v in self.secrets):
+        masked = mask_userinfo(msg)
+        if masked != msg or any(v in msg for v in self.secrets):
             for v in self.secrets:
-                msg = msg.replace(v, "***")
-            record.msg, record.args = msg, ()
+                masked = masked.replace(v, "***")
+            record.msg, record.args = masked, ()
         return True
