@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conveyor: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk, a read-only mount, a permission: one line, never a traceback
+        from conveyor.errors import mask_userinfo
+
         where = f"{e.filename}: " if e.filename else ""
-        print(f"conveyor: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"conveyor: error: {mask_userinfo(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("conveyor: interrupted", file=sys.stderr)
