@@ -1,4 +1,4 @@
-"""Append complete v2.1 source episodes to a v3.0 store, one atomic commit per batch.
+"""Append complete v2.1 or v3.0 source episodes to a v3.0 store, one atomic commit per batch.
 
 Cost is O(new episodes): each commit writes new data/video/meta files (stream-copied videos, renumbered
 parquet rows) and rewrites only the small metadata files; `compact` merges small files later.
@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conveyor import layout, sizing, stats as st
+from conveyor import layout, quantiles, sizing, stats as st
 from conveyor.episodes import write_episodes
 from conveyor.errors import ConveyorError
 from conveyor.fileio import start_writeback
@@ -31,6 +31,7 @@ from conveyor.quarantine import record_quarantine
 from conveyor.prepare import PacketCap, Prepared, load_ahead, prepare_episode
 from conveyor.reports import EpisodeMapping, IngestReport, Quarantined
 from conveyor.source import SourceEpisode, V21Source
+from conveyor.source_v3 import V30Source, is_session_folder, open_source, session_paths
 from conveyor.store import Commit, Store, is_store
 from conveyor.tables import data_schema, read_tasks, stats_columns, tasks_table
 from conveyor.video import StreamCopy
@@ -40,12 +41,16 @@ Progress = Callable[[int, int, str], None]
 
 # -- entry points --------------------------------------------------------------------------------------
 
-def ingest(source: str | Path | V21Source, store: str | Path, *, task: str | None = None, data_mb: float = sizing.DATA_MB,
-           video_mb: float = sizing.VIDEO_MB, lock_timeout: float | None = 60.0, progress: Progress | None = None,
-           max_episodes: int | None = None) -> IngestReport:
-    """Append every complete source episode not yet in the store (creating it if missing)."""
+def ingest(source: str | Path | V21Source | V30Source, store: str | Path, *, task: str | None = None,
+           data_mb: float = sizing.DATA_MB, video_mb: float = sizing.VIDEO_MB, lock_timeout: float | None = 60.0,
+           progress: Progress | None = None, max_episodes: int | None = None) -> IngestReport:
+    """Append every complete source episode not yet in the store (creating it if missing). `source`: a v2.1
+    or v3.0 dataset folder, or a folder of v3.0 session datasets (each session its own source and commit)."""
+    if not isinstance(source, (V21Source, V30Source)) and is_session_folder(source):
+        return ingest_sessions(source, store, task=task, data_mb=data_mb, video_mb=video_mb,
+                               lock_timeout=lock_timeout, progress=progress)
     t0 = time.monotonic()
-    src = source if isinstance(source, V21Source) else V21Source.open(source)
+    src = source if isinstance(source, (V21Source, V30Source)) else open_source(source)
     store_root = Path(store).resolve()
     if store_root == src.root or src.root in store_root.parents:
         raise ConveyorError(store_root, "store must not be inside the source folder")
@@ -66,7 +71,28 @@ def ingest(source: str | Path | V21Source, store: str | Path, *, task: str | Non
     return report
 
 
-def convert(source: str | Path | V21Source, dst: str | Path, *, task: str | None = None, data_mb: float = sizing.DATA_MB,
+def ingest_sessions(folder: str | Path, store: str | Path, **kw) -> IngestReport:
+    """Each session dataset of `folder`, in name order, appended as its own source (one commit each, O(that
+    session)); one report for all of them (`source` is the folder)."""
+    t0 = time.monotonic()
+    total: IngestReport | None = None
+    for path in session_paths(folder):
+        r = ingest(path, store, **kw)
+        if total is None:
+            total = r
+            total.source = str(Path(folder).resolve())
+            continue
+        total.added += r.added
+        total.quarantined += r.quarantined
+        total.changed += r.changed
+        total.incomplete += r.incomplete
+        total.already += r.already
+        total.version = r.version
+    total.seconds = time.monotonic() - t0
+    return total
+
+
+def convert(source: str | Path | V21Source | V30Source, dst: str | Path, *, task: str | None = None, data_mb: float = sizing.DATA_MB,
             video_mb: float = sizing.VIDEO_MB, overwrite: bool = False, progress: Progress | None = None
             ) -> IngestReport:
     """One-shot conversion into a fresh store, built beside `dst` and renamed into place at the end."""
@@ -140,6 +166,7 @@ class Batch:
     tasks: list[str]
     episodes: list[Prepared] = field(default_factory=list)
     data_files: list[int] = field(default_factory=list)  # file number per episode
+    values: list = field(default_factory=list)  # (D, n) numeric values per episode, for exact quantiles
 
     @property
     def frames(self) -> int:
@@ -186,6 +213,7 @@ def write_data(tx: Commit, s: Store, plan: Plan, progress: Progress | None, vide
             plan.report.quarantined.append(_quarantined(src, ep.index, str(e)))
             continue
         batch.data_files.append(data.write(p.table))
+        batch.values.append(quantiles.table_values(plan.features, p.table))
         p.table = None
         batch.episodes.append(p)
         video.add(p)
@@ -227,6 +255,7 @@ def write_info_stats_tasks_ledger(tx: Commit, s: Store, plan: Plan, batch: Batch
     info = dict(plan.info, total_episodes=episodes, total_frames=frames, total_tasks=len(batch.tasks),
                 splits={"train": f"0:{episodes}"})
     agg = st.aggregate(([_load_stats(s)] if batch.episode_start else []) + [p.stats for p in batch.episodes])
+    agg = quantiles.appended_stats(tx, plan.features, agg, batch.values, batch.frame_start)  # exact q01..q99
     write_meta(tx, info, batch.tasks, agg)
     tx.record([LedgerRecord(source=plan.report.source, source_episode_index=p.src.index,
                             content_hash=p.content_hash, files=p.fingerprint, episode_index=row["episode_index"],
@@ -288,7 +317,7 @@ class VideoWriter:
     episode starts a new file."""
 
     def __init__(self, commit: Commit, store: Store, plan: Plan):
-        self.commit, self.keys = commit, plan.video_keys
+        self.commit, self.keys, self.src = commit, plan.video_keys, plan.src
         self.limit = sizing.limit_bytes(plan.info["video_files_size_in_mb"])
         self.linear = {k: store.next_linear(f"videos/{k}") for k in self.keys}
         self.size = dict.fromkeys(self.keys, 0)
@@ -316,11 +345,14 @@ class VideoWriter:
             rel = layout.video_path(key, self.linear[key])
             self.open[key], self.size[key] = (rel, StreamCopy(self.commit.path(rel))), 0
         cam = p.cameras[key]
-        self.open[key][1].add(p.src.videos[key], cam.probe, cam.packets.packets if cam.packets else None)
+        packets = cam.packets.packets if cam.packets else None
+        if packets is None and cam.nbytes is not None:  # a span of a multi-episode file: demux just the span
+            packets = self.src.span_packets(p.src, key)
+        self.open[key][1].add(p.src.videos[key], cam.probe, packets)
         if cam.packets:
             cam.packets.release()
         start_writeback(self.open[key][1].tmp)
-        self.size[key] += sizing.mp4_bytes(p.src.videos[key])
+        self.size[key] += sizing.mp4_bytes(p.src.videos[key]) if cam.nbytes is None else cam.nbytes
         if sizing.is_full(self.size[key], self.limit):
             self._close(key)
 

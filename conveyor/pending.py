@@ -13,13 +13,18 @@ from pathlib import Path
 
 from conveyor.reports import IngestReport
 from conveyor.source import V21Source, comparable_features
+from conveyor.source_v3 import V30Source, fingerprint_files, is_session_folder, open_source, session_paths
 from conveyor.store import Store, is_store
 
 
-def nothing_new(source: str | Path | V21Source, store: str | Path) -> IngestReport | None:
+def nothing_new(source: str | Path | V21Source | V30Source, store: str | Path) -> IngestReport | None:
     """The report a full ingest would return when there is nothing to add, or None if there may be."""
     t0 = time.monotonic()
-    src = source if isinstance(source, V21Source) else V21Source.open(source)
+    if not isinstance(source, (V21Source, V30Source)) and is_session_folder(source):
+        return _sessions_nothing_new(source, store, t0)
+    src = source if isinstance(source, (V21Source, V30Source)) else open_source(source)
+    if isinstance(src, V30Source):
+        return _v30_nothing_new(src, store, t0)
     root = Path(store).resolve()
     if not is_store(root):
         return None
@@ -42,3 +47,48 @@ def nothing_new(source: str | Path | V21Source, store: str | Path) -> IngestRepo
                           incomplete=src.unrecorded(records))
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _v30_nothing_new(src: V30Source, store: str | Path, t0: float) -> IngestReport | None:
+    """A v3.0 session: nothing new when every episode info.json counts is in the ledger with its files
+    unchanged (stat calls), or when the missing ones can only be in metadata files the recorder has not
+    closed yet (no footer: still recording; 4 bytes read per file)."""
+    root = Path(store).resolve()
+    if not is_store(root):
+        return None
+    s = Store.open(root)
+    info = s.info
+    if not info or int(info["fps"]) != src.fps or comparable_features(info["features"]) != comparable_features(src.features):
+        return None
+    key = str(src.root)
+    mine = {r.source_episode_index: r for r in s.ledger() if r.source == key}
+    missing = [ep for ep in range(src.saved_episodes()) if ep not in mine]
+    if missing and any(closed for _, closed in src.meta_files()):
+        return None  # a closed metadata file may hold rows the store lacks
+    for ep, r in mine.items():
+        try:
+            if fingerprint_files(src.root, list(r.files)) != r.files:
+                return None
+        except FileNotFoundError:
+            continue
+    report = IngestReport(source=key, store=str(root), version=s.version, already=len(mine), incomplete=missing)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _sessions_nothing_new(folder: str | Path, store: str | Path, t0: float) -> IngestReport | None:
+    """A folder of sessions: nothing new in any of them (one report for the folder)."""
+    total = None
+    for path in session_paths(folder):
+        r = nothing_new(path, store)
+        if r is None:
+            return None
+        if total is None:
+            total = r
+            total.source = str(Path(folder).resolve())
+        else:
+            total.already += r.already
+            total.incomplete += r.incomplete
+    if total is not None:
+        total.seconds = time.monotonic() - t0
+    return total

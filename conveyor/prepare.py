@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from conveyor import sizing, stats as st
 from conveyor.errors import BadEpisode, ConveyorError
 from conveyor.source import SourceEpisode, V21Source, check_video_length
+from conveyor.source_v3 import V30Episode
 from conveyor.tables import int64_array, numeric_stats
 from conveyor.video import VideoProbe, probe
 
@@ -61,6 +62,7 @@ class Camera:
     probe: VideoProbe
     stats: st.Stats
     packets: HeldPackets | None  # None: the copy demuxes the file itself
+    nbytes: int | None = None  # packet bytes of a span of a multi-episode file (None: the whole file)
 
 
 @dataclass
@@ -88,6 +90,8 @@ class Loaded:
 
 
 def _load_rows(src: V21Source, ep: SourceEpisode) -> tuple[pa.Table, str, dict]:
+    if isinstance(ep, V30Episode):  # its rows are a slice of a multi-episode file
+        return src.read_rows(ep), src.content_hash(ep.index), src.fingerprint(ep.index)
     try:
         table = pq.ParquetFile(ep.parquet).read()  # not pq.read_table: that imports pandas (0.4 s)
     except Exception as e:
@@ -95,9 +99,19 @@ def _load_rows(src: V21Source, ep: SourceEpisode) -> tuple[pa.Table, str, dict]:
     return table, src.content_hash(ep.index), src.fingerprint(ep.index)
 
 
-def _load_camera(ep: SourceEpisode, path, cap: PacketCap) -> Camera:
+def _load_camera(src: V21Source, ep: SourceEpisode, key: str, path, cap: PacketCap) -> Camera:
     """One camera of one episode: demux once (keeping the packets for the copy if the cap allows), decode its
     stats keyframes, stats."""
+    if isinstance(ep, V30Episode):  # a span of a multi-episode mp4: demux just that span
+        try:
+            pr, frames, packets, nbytes = src.probe_camera(ep, key, st.CAMERA_SAMPLES)
+        except ConveyorError as e:
+            raise BadEpisode(path, e.problem, ep.index) from None
+        check_video_length(path, pr.frames, ep.length, ep.index)
+        held = cap.reserve(nbytes)
+        if held:
+            held.packets.extend(packets)
+        return Camera(pr, st.image_stats(frames), held, nbytes)
     held = cap.reserve(os.path.getsize(path))
     try:
         pr, frames = probe(path, sample=st.CAMERA_SAMPLES, packets=held.packets if held else None)
@@ -124,7 +138,7 @@ def load_ahead(src: V21Source, ready: list[SourceEpisode], cap: PacketCap
                 if j not in pending:
                     e = ready[j]
                     pending[j] = (pool.submit(_load_rows, src, e),
-                                  {k: pool.submit(_load_camera, e, path, cap) for k, path in e.videos.items()})
+                                  {k: pool.submit(_load_camera, src, e, k, path, cap) for k, path in e.videos.items()})
             rows, cameras = pending.pop(i)
             yield ep, partial(_assemble, rows, cameras)
 

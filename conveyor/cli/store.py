@@ -129,9 +129,11 @@ def _exit_code(r: IngestReport) -> int:
 def _convert(a: argparse.Namespace) -> int:
     lean_process()
     from conveyor.source import V21Source
+    from conveyor.source_v3 import is_session_folder, open_source
 
-    src = V21Source.open(a.src)
-    src.hash_ahead(sorted(src.episode_records()))  # in a child process, while the imports below run
+    src = a.src if is_session_folder(a.src) else open_source(a.src)  # v2.1, v3.0, or a folder of v3.0 sessions
+    if isinstance(src, V21Source):
+        src.hash_ahead(sorted(src.episode_records()))  # in a child process, while the imports below run
     with collector_paused():
         from conveyor.ingest import convert
 
@@ -146,15 +148,17 @@ def _ingest(a: argparse.Namespace) -> int:
     lean_process()
     from conveyor.pending import nothing_new
     from conveyor.source import V21Source
+    from conveyor.source_v3 import is_session_folder, open_source
     from conveyor.store import is_store
 
-    src, store = V21Source.open(a.src), resolve_store(a, a.store, new=True)
+    store = resolve_store(a, a.store, new=True)
+    src = a.src if is_session_folder(a.src) else open_source(a.src)  # v2.1, v3.0, or a folder of v3.0 sessions
     r = nothing_new(src, store)  # the common case, without importing pyarrow/numpy/PyAV
     if r is not None:
         print_ingest(r)
         return _exit_code(r)
-    if not is_store(store):  # a first ingest is a whole conversion: hash ahead as `convert` does
-        src.hash_ahead(sorted(src.episode_records()))
+    if not is_store(store) and isinstance(src, V21Source):  # a first ingest is a whole conversion: hash
+        src.hash_ahead(sorted(src.episode_records()))          # ahead as `convert` does
     with collector_paused():
         from conveyor.ingest import ingest
 
@@ -196,8 +200,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--video-mb", type=float, default=sizing.VIDEO_MB, help="video file size target in MB (new stores)")
         p.add_argument("--task", help="task text for episodes recorded without one (default: none)")
 
-    src_help = "LeRobot v2.1 recording folder (read only, never modified)"
-    p = sub.add_parser("convert", help="one-shot v2.1 -> v3.0 conversion into a new store",
+    src_help = ("LeRobot v2.1 recording folder, v3.0 dataset (a lerobot 0.6 recording session) or a folder of "
+                "v3.0 session datasets (read only, never modified)")
+    p = sub.add_parser("convert", help="one-shot v2.1/v3.0 -> v3.0 store conversion into a new store",
                        description="Convert every complete episode of SRC into a new store DST, built beside it "
                                    "and renamed into place at the end (nothing half-written is left behind).")
     p.add_argument("src", metavar="SRC", help=src_help)
