@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -77,10 +78,12 @@ class Commit:
         self.totals: tuple[int, int] | None = None
         self.cancelled = False
         self.version: DatasetVersion | None = None  # set once committed
+        self.writing: dict[int, str] = {}  # thread id -> the file it last opened, for a full disk's message
 
     def path(self, rel: str) -> Path:
         """Where to write the staged file that will become `rel`."""
         p = self.dir / rel
+        self.writing[threading.get_ident()] = rel
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
@@ -296,6 +299,13 @@ class Store:
             yield c
             if not c.cancelled:
                 c.version = self._commit(c)
+        except OSError as e:  # pyarrow's "Error writing bytes to file ... [errno 28]" names no file: name it
+            if e.errno != errno.ENOSPC and "[errno 28]" not in str(e).lower():
+                raise
+            rel = c.writing.get(threading.get_ident())
+            where = Path(e.filename) if e.filename else c.dir / rel if rel else c.dir
+            raise ConveyorError(where, f"No space left on device while writing store {self.root} ({kind}); "
+                                       "nothing half-written is visible: free space and run it again") from None
         finally:
             if c.version is None:
                 c.abort()

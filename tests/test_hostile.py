@@ -126,6 +126,29 @@ def test_disk_full_during_ingest(tmp_path):
         assert scrub(store).ok and validate_fast(store, against=tmp_path / "rec").ok
 
 
+def test_disk_full_while_pyarrow_writes_names_the_store_and_the_file(tmp_path):
+    """pyarrow's own message ("Error writing bytes to file. Detail: [errno 28]") names no file; conveyor's does."""
+    from conveyor.synthetic.recording import CameraSpec
+
+    spec = RecordingSpec(cameras=(CameraSpec("observation.images.top", height=96, width=128, dtype="image"),))
+    w = RecordingWriter(tmp_path / "rec", spec)  # PNG frames inside the parquet: only pyarrow writes big files
+    w.write_episode(0, 10)
+    with tmpfs(tmp_path / "disk", 16) as disk:
+        store = disk / "lab"
+        assert conveyor("ingest", str(tmp_path / "rec"), str(store)).returncode == 0
+        before = store_state(store)
+        for ep in range(1, 4):
+            w.write_episode(ep, 100)
+        fill(disk, leave=800 * 1024)
+        p = conveyor("ingest", str(tmp_path / "rec"), str(store))
+        line = one_line_error(p, f"No space left on device while writing store {store} (append)")
+        assert "/data/chunk-000/file-001.parquet:" in line and "Error writing bytes" not in line
+        assert store_state(store) == before
+        grow(disk, 64)
+        assert conveyor("ingest", str(tmp_path / "rec"), str(store)).returncode == 0
+        assert Store.open(store).version.total_episodes == 4
+
+
 def test_disk_full_during_compaction(tmp_path):
     rec = tmp_path / "rec"
     w = record(rec, range(1))
