@@ -30,7 +30,7 @@ from conveyor.reports import ValidationReport
 from conveyor.source import V21Source
 from conveyor.store import Store
 from conveyor.tables import numeric_stats, read_tasks, stats_from_row
-from conveyor.video import VideoProbe, decode_frames, probe, sample_keyframes
+from conveyor.video import VideoProbe, camera_frames, decode_frames, probe
 
 # what damaged media and tables raise; a check turns them into a FAIL line naming the file
 MEDIA_ERRORS = (ConveyorError, av.error.FFmpegError, pa.ArrowException, OSError, ValueError, IndexError,
@@ -54,6 +54,7 @@ def episodes_table(root: Path) -> pa.Table:
 
 def _stacked(col: pa.ChunkedArray) -> np.ndarray:
     """(n, *shape) numpy array of a list column whose rows all have one shape (the stats columns)."""
+        self.renames: list[tuple[int, str, str]] = []  # (commit, old, new) of `retask --rename`
     arr = col.combine_chunks()
     n = len(arr)
     while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
@@ -181,7 +182,7 @@ class _Checker:
             if ft["dtype"] == "video":
                 seg = self.segment(row, key)
                 rel = self.video_rel(row, key)
-                frames = self.media(row, key, lambda: sample_keyframes(
+                frames = self.media(row, key, lambda: camera_frames(
                     self.root / rel, self.probe(rel), seg, st.CAMERA_SAMPLES, self.container(rel))) if seg else None
                 if seg and not frames:
                     raise _Damaged(f"camera {key}", f"episode {ep}, camera {key}, file {rel}: no keyframe in the "
@@ -191,18 +192,32 @@ class _Checker:
                 recomputed[key] = st.image_stats(st.png_frames(data.column(key).to_pylist()))
         bad = st.equal(recomputed, stats_from_row(self.features, row), rtol=1e-6, atol=1e-6)
         add(f"episode {ep}: stats", not bad, ", ".join(bad[:5]))
+        trimmed = rec.start or src_table.num_rows != rec.length
+        src_table = src_table.slice(rec.start, rec.length)
         if self.src is not None and ledger_rec is not None and ledger_rec.source == str(self.src.root):
-            self.against_source(row, data, ledger_rec.source_episode_index)
+            self.against_source(row, data, ledger_rec)
 
-    def against_source(self, row: dict, data: pa.Table, src_ep: int) -> None:
-        ep, add = row["episode_index"], self.report.add
+    def against_source(self, row: dict, data: pa.Table, rec: LedgerRecord) -> None:
+        """Rows and frames equal the source episode's (a trimmed one's: source rows start..start+length-1, its
+        timestamps counted from 0; a re-tasked or renamed one's task text as curation set it)."""
+        ep, add, src_ep = row["episode_index"], self.report.add, rec.source_episode_index
         src_path = self.src.parquet_path(src_ep)
         src_table = _read(src_path)
         diffs = []
         for f in data.schema:
-            if f.name in RENUMBERED:
+            if f.name in RENUMBERED or (trimmed and f.name == "frame_index"):
+                continue
+            if trimmed and f.name == "timestamp":
+                ts = src_table.column(f.name).to_numpy().astype(np.float64)
+                if not np.allclose(data.column(f.name).to_numpy(), ts - ts[0], atol=1e-5, rtol=0):
+                    diffs.append(f.name)
                 continue
             a = data.column(f.name).to_pylist()
+        for commit, old, new in self.renames:  # `conveyor retask --rename` after this episode came in
+            if commit > rec.commit:
+                want = [new if w == old else w for w in want]
+        if rec.task is not None:
+            want = [rec.task] * len(want)
             b = src_table.column(f.name).to_pylist()
             if f.name == "timestamp" or self.features[f.name]["dtype"].startswith("float"):
                 same = np.array_equal(np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32))
@@ -221,14 +236,14 @@ class _Checker:
             sp = probe(src_video)
             seg = self.segment(row, key)
             picks = _sample(row["length"])
-            if len(seg) != row["length"] or sp.frames != row["length"]:
+            if len(seg) != row["length"] or sp.frames < rec.start + row["length"]:
                 add(f"episode {ep}: {key} frames comparable with source", False,
                     f"store segment has {len(seg)} frames, source {sp.frames}, length {row['length']}")
                 continue
             pr = self.probe(self.video_rel(row, key))
             a = self.media(row, key, decode_frames, self.root / self.video_rel(row, key),
                            [float(seg[j] * pr.time_base) for j in picks])
-            b = decode_frames(src_video, [float(sp.pts[j] * sp.time_base) for j in picks])
+            b = decode_frames(src_video, [float(sp.pts[rec.start + j] * sp.time_base) for j in picks])
             same = all(np.array_equal(x, y) for x, y in zip(a, b))
             add(f"episode {ep}: {key} frames {picks} pixel-identical to source", same, str(src_video))
 
@@ -257,8 +272,11 @@ class _Checker:
         referenced |= {self.video_rel(r, k) for r in rows for k in self.video_keys}
         on_disk = {p.relative_to(self.root).as_posix() for d in ("data", "videos")
                    for p in (self.root / d).rglob("*") if p.is_file()} if rows else set()
-        add("no orphan or missing data/video files", on_disk == referenced,
-            f"orphans {sorted(on_disk - referenced)[:3]}, missing {sorted(referenced - on_disk)[:3]}")
+        # a committed video file no episode points into any more (its episodes dropped) waits for compaction
+        idle = {rel for rel in self.store.manifest() if rel.startswith("videos/")}
+        orphans = on_disk - referenced - idle
+        add("no orphan or missing data/video files", not orphans and referenced <= on_disk,
+            f"orphans {sorted(orphans)[:3]}, missing {sorted(referenced - on_disk)[:3]}")
         stats_path = self.root / layout.STATS
         if rows:
             agg = stacked_stats(self.features, table)
@@ -280,7 +298,9 @@ def _run(store: str | Path, against, episodes, deep: bool) -> ValidationReport:
         table = episodes_table(s.root)
         # the whole-store checks need no stats columns: only the checked episodes' rows are read in full
         rows = table.select([c for c in table.column_names if not c.startswith("stats/")]).to_pylist()
-        ledger = s.ledger()
+        state = s.ledger_state()
+        ledger = state.records
+        chk.renames = [(c.commit, c.detail["old"], c.detail["new"]) for c in state.curations if c.action == "rename"]
         by_ep = {r.episode_index: r for r in ledger}
         chk.check_store(rows, ledger, table)
         todo = list(range(len(rows))) if episodes is None else [e for e in episodes if 0 <= e < len(rows)]

@@ -360,3 +360,14 @@ def sample_keyframes(path: Path, pr: VideoProbe, seg_pts: tuple[int, ...], k: in
             except av.error.FFmpegError as e:
                 raise ConveyorError(path, f"undecodable keyframe at pts {kp}: {e}") from None
     return frames
+
+
+def camera_frames(path: Path, pr: VideoProbe, seg_pts: tuple[int, ...], k: int, container=None
+                  ) -> list[np.ndarray]:
+    """The frames an episode's camera stats come from: its `sample_keyframes`, or, for a span with no keyframe
+    of its own (a trimmed episode: `conveyor trim` keeps any frame range), k evenly spaced frames of it."""
+    frames = sample_keyframes(path, pr, seg_pts, k, container) if seg_pts else []
+    if frames or not seg_pts:
+        return frames
+    n = len(seg_pts)
+    return decode_frames(path, [float(seg_pts[(i * n) // k] * pr.time_base) for i in range(min(k, n))])
