@@ -246,13 +246,17 @@ def appended_stats(tx: Commit, features: dict, aggregated: dict[str, st.Stats], 
     return with_quantiles(features, aggregated, exact_quantiles(base, delta))
 
 
-def committed_stats(store: Store, features: dict, aggregated: dict[str, st.Stats]) -> dict[str, st.Stats] | None:
-    """What stats.json must hold for the committed version, from its committed values (None: they are missing
-    or do not cover the committed data files)."""
-    frames = int((store.info or {}).get("total_frames", 0))
-    cur = _current(store, features, frames)
+def recomputed_stats(store: Store, features: dict, aggregated: dict[str, st.Stats], rows: list[dict], *,
+                     every_row: bool) -> dict[str, st.Stats]:
+    """What stats.json must hold for the committed version whose episodes are `rows`, for validation: the
+    per-episode aggregate with exact quantiles, over every row of the data files when `every_row` (or when the
+    committed values are missing or stale), else over the committed sorted values (hash-checked with the
+    metadata), so a check of one new episode does not read every data file."""
+    cur = None if every_row else _current(store, features, sum(r["length"] for r in rows))
     if cur is None:
-        return None
+        values = episode_values(features, rows, lambda rel: store.root / rel)
+        values.sort(axis=1)
+        cur = (values, values[:, :0])
     return with_quantiles(features, aggregated, exact_quantiles(*cur))
 
 
