@@ -179,13 +179,15 @@ def plan_from_ledger(src: V21Source, s: Store, task, data_mb, video_mb, max_epis
     if s.info:
         src.check_compatible(info, s.root)
     source_key = str(src.root)
-    mine = {r.source_episode_index: r for r in s.ledger() if r.source == source_key}
+    state = s.ledger_state()
+    mine = {r.source_episode_index: r for r in state.records if r.source == source_key}
+    dropped = {ep for k, ep in state.dropped if k == source_key}  # curated out: never re-added until undropped
     report = IngestReport(source=source_key, store=str(s.root), version=s.version, already=len(mine))
     # a source episode that changed after ingest is reported, never re-added
     report.changed = [_quarantined(src, ep, f"content changed after it was ingested as store episode "
                                             f"{r.episode_index}")
                       for ep, r in sorted(mine.items()) if src.changed_since(ep, r.files, r.content_hash)]
-    ready, scan = src.scan(skip=set(mine), probe_videos=False)
+    ready, scan = src.scan(skip=set(mine) | dropped, probe_videos=False)
     src.check_declared_cameras(ready)
     report.incomplete = scan.incomplete
     report.quarantined = [_quarantined(src, ep, reason) for ep, reason in sorted(scan.bad.items())]

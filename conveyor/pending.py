@@ -33,9 +33,10 @@ def nothing_new(source: str | Path | V21Source | V30Source, store: str | Path) -
     if not info or int(info["fps"]) != src.fps or comparable_features(info["features"]) != comparable_features(src.features):
         return None
     key = str(src.root)
-    mine = {r.source_episode_index: r for r in s.ledger() if r.source == key}
+    state = s.ledger_state()
+    mine = {r.source_episode_index: r for r in state.records if r.source == key}
     records = src.episode_records()
-    if set(records) - set(mine):
+    if set(records) - set(mine) - {ep for k, ep in state.dropped if k == key}:  # a dropped one is not new
         return None
     for ep, r in mine.items():
         try:
