@@ -50,7 +50,8 @@ class _TopFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
 
 # which module of conveyor.cli registers each command, in `conveyor --help` order (tests/test_lab.py checks it)
 COMMANDS = {"convert": "store", "ingest": "store", "validate": "store", "compact": "store",
-            "drop": "curate", "undrop": "curate", "trim": "curate", "retask": "curate", "stores": "show", "show": "show", "review": "review", "scrub": "scrub", "repair": "scrub",
+            "drop": "curate", "undrop": "curate", "trim": "curate", "retask": "curate",
+            "stores": "show", "show": "show", "review": "review", "scrub": "scrub", "repair": "scrub",
             "config": "service", "up": "service", "worker": "service", "train": "train", "evaluate": "train",
             "backup": "backup", "snapshots": "backup", "restore": "backup", "publish": "datasets",
             "datasets": "datasets"}
