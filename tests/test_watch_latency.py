@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import av
+import pytest
 
 from conveyor.evidence import mp4_finalized
 from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
