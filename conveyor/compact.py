@@ -7,13 +7,14 @@ packets), never re-encoded, so the store decodes to exactly the same rows and pi
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from conveyor import layout, sizing
+from conveyor import layout, quantiles, sizing, stats as st
 from conveyor.episodes import group_rows, load_episodes, write_episodes
 from conveyor.ingest import Progress
 from conveyor.reports import CompactReport
@@ -53,10 +54,14 @@ def compact(store: str | Path, *, progress: Progress | None = None, lock_timeout
                     progress(i, len(video_keys), f"videos {k}")
                 changed |= _compact_videos(tx, s, rows, k, info["video_files_size_in_mb"])
             meta_files = sorted(p for p in before if layout.kind_of(p) == "meta")
-            if not changed and _meta_grouped(rows, features, info["data_files_size_in_mb"]):
+            if not changed and quantiles.is_current(s, features) and _meta_grouped(rows, features, info["data_files_size_in_mb"]):
                 tx.cancel()
                 return report
             write_episodes(tx, s.next_linear("meta"), rows, features, info["data_files_size_in_mb"])
+            # the sorted values follow the new data files (and a store made before them gets exact quantiles)
+            stats = quantiles.version_stats(tx, features, rows, st.from_json(json.loads((s.root / layout.STATS)
+                                                                                      .read_text())))
+            tx.write(layout.STATS, json.dumps(st.to_json(stats), indent=4).encode())
             tx.delete(meta_files)
             tx.set_totals(info["total_episodes"], info["total_frames"])
             report.rewritten = sorted(tx.remove)

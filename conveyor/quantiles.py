@@ -175,6 +175,11 @@ def _current(store: Store, features: dict, frames: int) -> tuple[np.ndarray, np.
     return base, delta
 
 
+def is_current(store: Store, features: dict) -> bool:
+    """Whether the committed sorted values cover exactly the committed data files and rows."""
+    return _current(store, features, int((store.info or {}).get("total_frames", 0))) is not None
+
+
 def _write(tx: Commit, features: dict, base: np.ndarray, delta: np.ndarray, *, base_changed: bool) -> None:
     """Stage the delta (and the base, when it changed: a fold or a rebuild) and the index through the commit;
     an empty array's file is removed."""
