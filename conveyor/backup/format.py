@@ -126,7 +126,8 @@ class PruneReport(BaseModel):
     deleted_snapshots: list[str]
     deleted_objects: int
     gc_skipped: str | None = None
-    incomplete_cleaned: int = 0
+    incomplete_cleaned: int = 0  # temporary objects / multipart uploads of killed writers removed
+    locks_removed: int = 0  # writer locks of dead or expired writers removed
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ from conveyor.backup.format import ManifestFile, PruneReport, manifest_key
 from conveyor.backup.manifests import read_manifest, snapshot_ids, time_of
 from conveyor.backup.objects import ACTIVE_LOCKS
 from conveyor.errors import ConveyorError
-from conveyor.repo import Repo
+from conveyor.repo import MissingObject, Repo
+from conveyor.repo.base import TMP_STALE_S, writer_gone
 
-LOCK_STALE_S = 6 * 3600
+LOCK_STALE_S = 6 * 3600  # a writer lock older than this is a leftover even when its writer's host cannot tell
 PUBLISHED_PREFIX = "datasets/"
 
 
@@ -45,30 +46,34 @@ def select_retained(ids: list[str], keep_daily: int, keep_weekly: int) -> set[st
     return keep
 
 
-def live_locks(repo: Repo, now: datetime) -> list[str]:
-    """Writer locks of backups/publishes still running (a dead writer's lock is ignored)."""
-    live = []
+def writer_locks(repo: Repo, now: datetime) -> tuple[list[str], list[str]]:
+    """(live, stale) writer locks. Stale: its writer is gone (same host, pid gone; or this very process and no
+    longer held), it is older than LOCK_STALE_S, or it is unreadable and older than that."""
+    live, stale = [], []
     for o in repo.list("locks/"):
         try:
             info = json.loads(repo.get_bytes(o.key))
             t = datetime.fromisoformat(info["time"])
+        except MissingObject:
+            continue  # its writer finished meanwhile
         except (ConveyorError, ValueError, KeyError, TypeError):
+            old = o.modified is not None and now - o.modified > timedelta(seconds=LOCK_STALE_S)
+            (stale if old else live).append(o.key)  # a lock being written, or a damaged one: judged by age
             continue
         if now - t > timedelta(seconds=LOCK_STALE_S):
-            continue
-        if info.get("host") == socket.gethostname():
-            if int(info.get("pid", -1)) == os.getpid():
-                if o.key in ACTIVE_LOCKS:
-                    live.append(o.key)
-                continue  # left behind by a failed writer of this very process
-            try:
-                os.kill(int(info["pid"]), 0)
-            except ProcessLookupError:
-                continue  # the writer died (e.g. SIGKILL); its lock means nothing
-            except (PermissionError, ValueError):
-                pass
-        live.append(o.key)
-    return live
+            stale.append(o.key)
+        elif info.get("host") == socket.gethostname() and int(info.get("pid", -1)) == os.getpid():
+            (live if o.key in ACTIVE_LOCKS else stale).append(o.key)  # else: a failed writer of this process
+        elif writer_gone(info.get("host"), info.get("pid", -1)):
+            stale.append(o.key)  # the writer died (e.g. SIGKILL); its lock means nothing
+        else:
+            live.append(o.key)
+    return live, stale
+
+
+def live_locks(repo: Repo, now: datetime) -> list[str]:
+    """Writer locks of backups/publishes still running (a dead writer's lock is ignored)."""
+    return writer_locks(repo, now)[0]
 
 
 def published_roots(repo: Repo) -> set[str]:
@@ -99,7 +104,9 @@ def prune(repo: Repo, keep_daily: int, keep_weekly: int, *, now: datetime | None
     if dry_run:
         return report
     repo.delete([manifest_key(i) for i in expired])
-    locks = live_locks(repo, now)
+    locks, stale = writer_locks(repo, now)
+    report.locks_removed = repo.delete(stale) if stale else 0
+    report.incomplete_cleaned = repo.cleanup_incomplete(TMP_STALE_S, now)
     if locks:
         report.gc_skipped = f"a backup is running ({locks[0]}); unreferenced objects are collected next time"
         return report
@@ -110,5 +117,4 @@ def prune(repo: Repo, keep_daily: int, keep_weekly: int, *, now: datetime | None
     garbage = [o.key for prefix in ("blobs/", "packs/") for o in repo.list(prefix) if o.key not in referenced]
     repo.delete(garbage)
     report.deleted_objects = len(garbage)
-    report.incomplete_cleaned = repo.cleanup_incomplete()
     return report

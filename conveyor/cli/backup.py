@@ -146,6 +146,9 @@ def _prune(args, settings) -> int:
               f"{settings.datasets.keep_days} days; kept {len(v.kept)} ({len(v.pinned)} pinned by unfinished runs)")
     print(f"{url}: kept {len(r.kept)} snapshot(s), deleted {len(r.deleted_snapshots)} snapshot(s) and "
           f"{r.deleted_objects} unreferenced object(s)")
+    if r.locks_removed or r.incomplete_cleaned:
+        print(f"{url}: removed {r.locks_removed} lock(s) of dead or expired writers and {r.incomplete_cleaned} "
+              "temporary object(s) of killed uploads")
     if r.gc_skipped:
         print(f"conveyor: warning: {r.gc_skipped}", file=sys.stderr)
     return 0

@@ -14,6 +14,23 @@ from pathlib import Path
 from conveyor.errors import ConveyorError
 from conveyor.repo.errors import CorruptObject
 
+TMP_STALE_S = 6 * 3600  # a temporary object (upload in progress) older than this is a killed writer's leftover
+
+
+def writer_gone(host: str | None, pid) -> bool:
+    """Whether the writer `pid` on `host` has certainly ended: only provable on this host (the pid is gone)."""
+    import socket
+
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        pass
+    return False
+
 CHUNK = 1 << 20
 BytesProgress = Callable[[int], None]  # called with a number of bytes just transferred
 
@@ -89,8 +106,9 @@ class Repo(ABC):
     def read_chunks(self, key: str) -> Iterator[bytes]:
         """Stream an object's bytes (for verification without touching the disk)."""
 
-    def cleanup_incomplete(self, older_than_s: float = 6 * 3600) -> int:
-        """Remove leftovers of killed uploads (temp files, multipart uploads); returns how many."""
+    def cleanup_incomplete(self, older_than_s: float = TMP_STALE_S, now: datetime | None = None) -> int:
+        """Remove leftovers of killed uploads (temp files, multipart uploads) older than `older_than_s`, and
+        at once those a writer of this host left that is gone; returns how many."""
         return 0
 
     def close(self) -> None:

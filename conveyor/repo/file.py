@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -15,8 +16,11 @@ from typing import Any
 
 from conveyor.errors import ConveyorError
 from conveyor.fileio import sha256_bytes
-from conveyor.repo.base import CHUNK, ObjectInfo, Repo, check_key
+from conveyor.repo.base import CHUNK, TMP_STALE_S, ObjectInfo, Repo, check_key, writer_gone
 from conveyor.repo.errors import CorruptObject, MissingObject
+
+
+_HOST = socket.gethostname()
 
 
 class FileRepo(Repo):
@@ -34,7 +38,7 @@ class FileRepo(Repo):
         dst = self._path(key)
         try:
             self.tmp.mkdir(parents=True, exist_ok=True)
-            tmp = self.tmp / uuid.uuid4().hex
+            tmp = self.tmp / f"{uuid.uuid4().hex}.{os.getpid()}.{_HOST}"  # whose it is: prune removes a dead one's
             try:
                 with open(tmp, "wb") as f:
                     digest = write(f)
@@ -128,11 +132,15 @@ class FileRepo(Repo):
                 parent = parent.parent
         return n
 
-    def cleanup_incomplete(self, older_than_s=6 * 3600):
-        n, cutoff = 0, time.time() - older_than_s
+    def cleanup_incomplete(self, older_than_s=TMP_STALE_S, now=None):
+        n, cutoff = 0, (now.timestamp() if now else time.time()) - older_than_s
         if self.tmp.is_dir():
             for p in self.tmp.iterdir():
-                if p.stat().st_mtime < cutoff:
-                    p.unlink(missing_ok=True)
-                    n += 1
+                _, pid, host = (p.name.split(".", 2) + ["", ""])[:3]
+                try:
+                    if writer_gone(host, pid) or p.stat().st_mtime < cutoff:
+                        p.unlink()
+                        n += 1
+                except FileNotFoundError:  # its writer renamed it into place meanwhile
+                    pass
         return n

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conveyor.errors import ConveyorError
 from conveyor.fileio import sha256_bytes, sha256_file
-from conveyor.repo.base import CHUNK, ObjectInfo, Repo, check_key, run_all
+from conveyor.repo.base import CHUNK, TMP_STALE_S, ObjectInfo, Repo, check_key, run_all
 from conveyor.repo.errors import CorruptObject, MissingObject
 from conveyor.repo.progress import TransferProgress
 from conveyor.repo.redact import Redact
@@ -222,8 +222,9 @@ class S3Repo(Repo):
                 raise ConveyorError(f"{self.url}/{e.get('Key', '')}", f"delete failed: {e.get('Code')}")
         return len(keys)
 
-    def cleanup_incomplete(self, older_than_s=6 * 3600):
-        cutoff = datetime.now(timezone.utc).timestamp() - older_than_s
+    def cleanup_incomplete(self, older_than_s=TMP_STALE_S, now=None):
+        """Multipart uploads carry no writer's pid: only their age tells a killed one from a running one."""
+        cutoff = (now or datetime.now(timezone.utc)).timestamp() - older_than_s
         n = 0
         with s3_errors(self.url):
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
