@@ -109,7 +109,17 @@ def _compact_data(commit: Commit, s: Store, rows: list[dict], data_mb: float) ->
 
 
 def _compact_videos(commit: Commit, s: Store, rows: list[dict], key: str, video_mb: float) -> bool:
-    merges = _merges(s, rows, lambda r: layout.episode_video_path(r, key), video_mb)
+    # a file with spans no episode points into (curation: dropped or trimmed frames) is not merged here: the
+    # spans below count frames from each file's start; a file none points into any more is removed
+    used: dict[str, int] = {}
+    for r in rows:
+        rel = layout.episode_video_path(r, key)
+        used[rel] = used.get(rel, 0) + r["length"]
+    idle = [rel for rel in s.manifest() if rel.startswith(f"videos/{key}/") and rel not in used]
+    gaps = {rel for rel, n in used.items() if probe(s.root / rel).frames != n}
+    merges = [run for g in _merges(s, rows, lambda r: layout.episode_video_path(r, key), video_mb)
+              for run in _runs(g, gaps) if len(run) > 1]
+    commit.delete(idle)
     linear = s.next_linear(f"videos/{key}")
     for group in merges:
         rel = layout.video_path(key, linear)
@@ -130,4 +140,15 @@ def _compact_videos(commit: Commit, s: Store, rows: list[dict], key: str, video_
             i += n
         commit.delete(group)
         linear += 1
-    return bool(merges)
+    return bool(merges) or bool(idle)
+
+
+def _runs(group: list[str], gaps: set[str]) -> list[list[str]]:
+    """`group` split around the files in `gaps`."""
+    out: list[list[str]] = [[]]
+    for rel in group:
+        if rel in gaps:
+            out.append([])
+        else:
+            out[-1].append(rel)
+    return out

@@ -362,7 +362,7 @@ def _rewrite(tx: Commit, c: _Ctx, edit: Edit) -> list[dict] | None:
     table = episodes_table_of(tx, c, head)
     info = dict(info, total_episodes=len(rows), total_frames=frame, total_tasks=len(tasks),
                 splits={"train": f"0:{len(rows)}"})
-    write_meta(tx, info, tasks, global_stats(features, table))
+    write_meta(tx, info, tasks, global_stats(tx, features, table))
     tx.set_totals(len(rows), frame)
     return rows
 
@@ -482,8 +482,11 @@ def episodes_table_of(tx: Commit, c: _Ctx, head: int) -> pa.Table:
     return pa.concat_tables([c.table.slice(0, head), *staged]) if staged else c.table.slice(0, head)
 
 
-def global_stats(features: dict, table: pa.Table) -> dict[str, st.Stats]:
-    """meta/stats.json of the new version from its per-episode rows."""
+def global_stats(tx: Commit, features: dict, table: pa.Table) -> dict[str, st.Stats]:
+    """meta/stats.json of the new version: min/max/mean/std aggregated from its per-episode rows, quantiles
+    exact over every live row (`quantiles.version_stats`, which stages the sorted values the next append
+    extends)."""
+    from conveyor import quantiles
     from conveyor.validate import stacked_stats
 
-    return stacked_stats(features, table)
+    return quantiles.version_stats(tx, features, table.to_pylist(), stacked_stats(features, table))
