@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from conveyor import layout
 from conveyor.episodes import load_episodes
 from conveyor.quarantine import read_quarantine_entries
 from conveyor.store import Store, is_store
@@ -85,6 +86,14 @@ class QuarantineEntry(BaseModel):
     time: datetime | None = None
 
 
+class SourceEntry(BaseModel):
+    """A source folder that fed the store, and its kind (read from its info.json now)."""
+
+    path: str
+    kind: str = Field(description="v2.1 | v3.0 (a lerobot 0.6 session) | missing | unknown")
+    episodes: int = 0
+
+
 class StoreDetail(StoreSummary):
     """Everything `conveyor show` prints."""
 
@@ -96,6 +105,7 @@ class StoreDetail(StoreSummary):
     lengths: Lengths = Field(default_factory=Lengths)
     versions: list[VersionEntry] = Field(default_factory=list)
     quarantined: list[QuarantineEntry] = Field(default_factory=list)
+    sources: list[SourceEntry] = Field(default_factory=list)
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -148,13 +158,28 @@ def describe(path: Path, name: str | None = None) -> StoreDetail:
                                  mean=statistics.fmean(frames), max=max(frames))
     detail.versions = _versions(s)
     detail.quarantined = read_quarantine(s.root)
+    counts: dict[str, int] = {}
+    for r in s.ledger():
+        counts[r.source] = counts.get(r.source, 0) + 1
+    detail.sources = [SourceEntry(path=p, kind=source_kind(Path(p)), episodes=n) for p, n in sorted(counts.items())]
     return detail
+
+
+def source_kind(path: Path) -> str:
+    """A source folder's kind from its info.json's codebase_version."""
+    try:
+        version = json.loads((path / "meta" / "info.json").read_text(encoding="utf-8")).get("codebase_version")
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return version if version in ("v2.1", "v3.0") else "unknown"
 
 
 def _commit_records(s: Store) -> list[dict]:
     head = s.version.commit
     out = []
-    for p in sorted((s.dot / "commits").glob("*.json")):
+    for p in sorted((s.root / layout.COMMITS).glob("*.json")):
         if int(p.stem) <= head:
             try:
                 out.append(json.loads(p.read_text(encoding="utf-8")))

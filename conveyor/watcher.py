@@ -10,6 +10,12 @@ network mounts) that write the jsonl line before the media. Events are debounced
 `meta/episodes.jsonl` (the recorder's "episode finished"), which is scanned at once; a periodic full
 rescan catches events that never arrive (NFS/SMB mounts, missed inotify events).
 
+A v3.0 source (a lerobot 0.6 session, or a folder of sessions) needs no settling: `V30Source` only calls
+an episode complete once its metadata and data parquets are closed (footer written) and its mp4s are
+finalized, so every episode it returns is handed over at once. A change under `meta/` (the recorder's
+finalize closes `meta/episodes`) is scanned at once; a session whose info.json and metadata files have not
+changed since its last scan, and has nothing pending, is not read again.
+
 No Prefect here: `flows/watch.py` wraps this and runs the ingest flow from the callback.
 """
 from __future__ import annotations
@@ -28,6 +34,7 @@ from watchdog.observers import Observer
 from conveyor.errors import ConveyorError
 from conveyor.evidence import episode_final
 from conveyor.source import V21Source
+from conveyor.source_v3 import V30Source, open_source, session_paths
 
 log = logging.getLogger("conveyor.watcher")
 
@@ -47,6 +54,7 @@ class _SourceState:
     watched: bool = False
     last_error: str | None = None
     unconfirmed: str | None = None          # an error seen once: maybe a file caught mid-write (info.json)
+    sessions: dict[str, tuple] = field(default_factory=dict)  # v3.0 session -> (stamp, handled episodes)
 
 
 class _Handler(FileSystemEventHandler):
@@ -57,7 +65,8 @@ class _Handler(FileSystemEventHandler):
         if event.event_type in ("opened", "closed_no_write"):  # reads (ours included) are not changes
             return
         path = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
-        self.watcher.mark_dirty(self.name, urgent=path.endswith("episodes.jsonl"))
+        self.watcher.mark_dirty(self.name, urgent=path.endswith("episodes.jsonl") or
+                                f"{os.sep}meta{os.sep}episodes{os.sep}" in path)
 
 
 class EpisodeWatcher:
@@ -145,6 +154,8 @@ class EpisodeWatcher:
         return max(0.0, min(due)) if due else self.rescan
 
     def _scan(self, st: _SourceState) -> None:
+        if _is_v30(st.path):
+            return self._scan_v30(st)
         try:
             src = V21Source.open(st.path, info_settle_s=0)  # a torn info.json: looked at again below
             complete, scan = src.scan(skip=st.handled)
@@ -186,6 +197,43 @@ class EpisodeWatcher:
             return
         st.handled.update(ready)
 
+    def _scan_v30(self, st: _SourceState) -> None:
+        """Each session of a v3.0 source whose files changed: its complete (and broken) episodes not yet
+        handed over, at once (completeness needs closed, finalized files: nothing to settle)."""
+        ready: list[int] = []
+        done: dict[str, tuple] = {}
+        for path in session_paths(st.path):
+            key = str(path)
+            stamp = _session_stamp(path)
+            old_stamp, handled = st.sessions.get(key, (None, set()))
+            if stamp == old_stamp:
+                continue
+            try:
+                src = open_source(path, info_settle_s=0)
+                if not isinstance(src, V30Source):
+                    raise ConveyorError(path / "meta" / "info.json", "a v2.1 dataset inside a folder of v3.0 "
+                                                                     "sessions: name it as its own source")
+                complete, scan = src.scan(skip=handled, probe_videos=False)
+            except Exception as e:  # noqa: BLE001 - one unreadable session must not stop the others
+                msg = str(e) if isinstance(e, ConveyorError) else f"{type(e).__name__}: {e}"
+                if msg != st.last_error:
+                    st.last_error = msg
+                    self._report(st.name, e)
+                continue
+            new = sorted({e.index for e in complete} | set(scan.bad))
+            ready += new
+            # not stamped while episodes are still being recorded: look again at the next event
+            done[key] = (stamp if not scan.incomplete else None, handled | set(new))
+        if not ready:
+            st.sessions.update(done)
+            return
+        try:
+            self.on_ready(st.name, ready)
+        except Exception as e:  # noqa: BLE001 - reported, retried at the next rescan
+            self._report(st.name, e)
+            return
+        st.sessions.update(done)
+
     def _report(self, name: str, e: Exception) -> None:
         if self.on_error:
             self.on_error(name, e)
@@ -217,6 +265,35 @@ class EpisodeWatcher:
                 self._wake.clear()
         finally:
             self.stop()
+
+
+def _is_v30(path: Path) -> bool:
+    """A v3.0 dataset, or a folder of datasets (sessions): read with `V30Source`."""
+    paths = session_paths(path)
+    if not paths:
+        return False
+    if paths != [Path(path).resolve()]:
+        return True
+    try:
+        import json
+
+        return json.loads((paths[0] / "meta" / "info.json").read_text()).get("codebase_version") == "v3.0"
+    except (OSError, ValueError):
+        return False
+
+
+def _session_stamp(path: Path) -> tuple:
+    """(name, size, mtime_ns) of info.json and every metadata, data and video file: what a scan depends on."""
+    out = []
+    for sub in ("meta", "data", "videos"):
+        for dirpath, _, files in os.walk(path / sub):
+            for f in files:
+                try:
+                    s = os.stat(os.path.join(dirpath, f))
+                except OSError:
+                    continue
+                out.append((os.path.join(dirpath, f), s.st_size, s.st_mtime_ns))
+    return tuple(sorted(out))
 
 
 def _newest_mtime(paths: list[Path]) -> float:

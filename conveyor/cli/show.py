@@ -125,6 +125,13 @@ def _show(args: argparse.Namespace) -> int:
             t.add_row(str(v.commit), _when(v.time), v.kind, added, str(v.total_episodes), str(v.total_frames),
                       f"+{v.files_added}/-{v.files_removed}", v.version)
         c.print(t)
+    if d.sources:
+        t = Table(title="sources")
+        for col in ("source", "kind", "episodes"):
+            t.add_column(col, justify="right" if col == "episodes" else "left")
+        for src in d.sources:
+            t.add_row(src.path, src.kind, str(src.episodes))
+        c.print(t)
     if d.quarantined:
         t = Table(title="quarantined at the last ingest (source untouched; fix or re-record, the next ingest "
                         "picks them up)")
