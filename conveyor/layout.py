@@ -13,6 +13,20 @@ VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.m
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 META_FILES = (TASKS, STATS, INFO)  # rewritten by every commit; info.json last
 
+# conveyor's own bookkeeping inside a store, beside lerobot's files (store.py's commit protocol: staged files,
+# then the commit record, then the renames, the ledger, and HEAD last)
+DOT = ".conveyor"
+HEAD = f"{DOT}/HEAD"  # the committed DatasetVersion: moves last
+MANIFEST = f"{DOT}/manifest.json"  # every committed file with size and sha256
+LEDGER = f"{DOT}/ledger.jsonl"  # which source episode became which store episode, per commit
+COMMITS = f"{DOT}/commits"  # commit records, `COMMIT_RECORD`
+COMMIT_RECORD = COMMITS + "/{commit:08d}.json"
+STAGING = f"{DOT}/staging"  # a commit's files before the renames, one folder per transaction
+SNAPSHOTS = f"{DOT}/snapshots"  # hard-linked committed views (backup, publish)
+LOCK = f"{DOT}/lock"  # the one-writer lock
+APPLY_LOCK = f"{DOT}/apply.lock"  # held while a commit renames files (shared by readers of the manifest)
+BOOKKEEPING = (HEAD, LEDGER, MANIFEST)  # what a snapshot copies beside the commit records
+
 _FILE_RE = re.compile(r"chunk-(\d{3,})/file-(\d{3,})\.(parquet|mp4)$")
 
 

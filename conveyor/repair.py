@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from conveyor import layout
 from conveyor.errors import ConveyorError
 from conveyor.version import DatasetVersion
 from conveyor.scrub import FileDamage, Progress, ScrubReport, _check, hash_file, scrub
@@ -113,7 +114,7 @@ def repair(store: str | Path, repo: Repo, *, found: ScrubReport | None = None,
         return report
     manifest = s.manifest()
     copies = find_copies(repo, {d.path: manifest[d.path].sha256 for d in found.damaged if d.path in manifest})
-    stage = s.dot / "staging" / f"repair-{uuid.uuid4().hex}"  # no commit record: recovery drops it
+    stage = s.root / layout.STAGING / f"repair-{uuid.uuid4().hex}"  # no commit record: recovery drops it
     with s.lock(timeout=lock_timeout):
         manifest = s.manifest()  # as of now: a commit since the scrub may have replaced or removed files
         report.version = s.version

@@ -260,13 +260,13 @@ def scrub(store: str | Path | Store, *, progress: Progress | None = None, worker
     """Read every committed file and compare it with its recorded sha256; list extras; name episodes."""
     t0 = time.perf_counter()
     s = store if isinstance(store, Store) else Store.open(store)
-    if not (s.dot / "manifest.json").exists():
+    if not (s.root / layout.MANIFEST).exists():
         if s.head_commit() == 0:
             return ScrubReport(store=str(s.root), version=s.version, seconds=time.perf_counter() - t0)
-        raise ConveyorError(s.dot / "manifest.json", "manifest missing: the store's record of its files is gone")
+        raise ConveyorError(s.root / layout.MANIFEST, "manifest missing: the store's record of its files is gone")
     try:
         problems, files, nbytes, version = verify_files(s, progress=progress, workers=workers)
     except ValueError as e:  # a damaged manifest.json cannot vouch for anything
-        raise ConveyorError(s.dot / "manifest.json", f"damaged manifest: {e}") from None
+        raise ConveyorError(s.root / layout.MANIFEST, f"damaged manifest: {e}") from None
     return ScrubReport(store=str(s.root), version=version, files=files, bytes=nbytes,
                        seconds=time.perf_counter() - t0, problems=attribute(s, problems))

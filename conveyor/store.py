@@ -34,7 +34,7 @@ from conveyor.fileio import fsync_dir, sha256_file, write_atomic
 from conveyor.ledger import LedgerRecord, LedgerState, append_ledger, read_ledger, read_state
 from conveyor.version import DatasetVersion
 
-DOT = ".conveyor"
+DOT = layout.DOT
 CRASH_ENV = "CONVEYOR_CRASH_AT"  # fault injection for the crash tests: SIGKILL self at a named point
 
 
@@ -70,7 +70,7 @@ class Commit:
         self.store = store
         self.kind = kind
         self.id = uuid.uuid4().hex
-        self.dir = store.dot / "staging" / self.id
+        self.dir = store.root / layout.STAGING / self.id
         self.dir.mkdir(parents=True)
         self.add: dict[str, FileEntry] = {}
         self.remove: list[str] = []
@@ -150,7 +150,7 @@ class Store:
                 raise ConveyorError(root, "not a conveyor store (no .conveyor/ folder)")
             if root.exists() and any(root.iterdir()):
                 raise ConveyorError(root, "folder exists and is not empty; refusing to make it a store")
-            (store.dot / "commits").mkdir(parents=True)
+            (store.root / layout.COMMITS).mkdir(parents=True)
         store.recover()
         return store
 
@@ -167,7 +167,7 @@ class Store:
 
     def _recover_locked(self) -> None:
         head = self.head_commit()
-        for rec_path in sorted((self.dot / "commits").glob("*.json")):
+        for rec_path in sorted((self.root / layout.COMMITS).glob("*.json")):
             n = int(rec_path.stem)
             if n > head:
                 try:
@@ -176,7 +176,7 @@ class Store:
                     rec_path.unlink()
                     continue
                 self._apply(record)
-        staging = self.dot / "staging"
+        staging = self.root / layout.STAGING
         if staging.is_dir():
             for d in staging.iterdir():
                 shutil.rmtree(d, ignore_errors=True)
@@ -190,7 +190,7 @@ class Store:
 
     @property
     def version(self) -> DatasetVersion:
-        p = self.dot / "HEAD"
+        p = self.root / layout.HEAD
         if not p.exists():
             return DatasetVersion(commit=0)
         return DatasetVersion.from_json(p.read_text())
@@ -204,18 +204,18 @@ class Store:
 
     def manifest(self) -> dict[str, FileEntry]:
         """Every committed file of the dataset: relative path -> size and sha256."""
-        p = self.dot / "manifest.json"
+        p = self.root / layout.MANIFEST
         if not p.exists():
             return {}
         return {k: FileEntry(*v) for k, v in json.loads(p.read_text()).items()}
 
     def ledger(self) -> list[LedgerRecord]:
         """Source episode -> store episode records of committed commits, in store order."""
-        return read_ledger(self.dot / "ledger.jsonl", self.head_commit())
+        return read_ledger(self.root / layout.LEDGER, self.head_commit())
 
     def ledger_state(self) -> LedgerState:
         """The ledger with its dropped source episodes and curation records (`conveyor/curate.py`)."""
-        return read_state(self.dot / "ledger.jsonl", self.head_commit())
+        return read_state(self.root / layout.LEDGER, self.head_commit())
 
     # -- locking ---------------------------------------------------------------------------------------
 
@@ -226,7 +226,7 @@ class Store:
             yield
             return
         self.dot.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dot / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / layout.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
@@ -256,7 +256,7 @@ class Store:
     @contextmanager
     def _apply_lock(self, shared: bool) -> Iterator[None]:
         """Held exclusively while files are renamed into place, shared while a snapshot links them."""
-        fd = os.open(self.dot / "apply.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / layout.APPLY_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
@@ -320,7 +320,7 @@ class Store:
         for rel in c.remove:
             manifest.pop(rel, None)
         manifest.update(c.add)
-        c.write(f"{DOT}/manifest.json",
+        c.write(layout.MANIFEST,
                 json.dumps({k: [v.size, v.sha256] for k, v in sorted(manifest.items())}).encode())
         h = hashlib.sha256(parent.content_hash.encode())
         for rel in sorted(c.add):
@@ -339,16 +339,16 @@ class Store:
         for d in {p.parent for p in c.dir.rglob("*") if p.is_file()}:
             fsync_dir(d)
         crashpoint("staged")
-        write_atomic(self.dot / "commits" / f"{version.commit:08d}.json",
+        write_atomic(self.root / layout.COMMIT_RECORD.format(commit=version.commit),
                       json.dumps(record, ensure_ascii=False).encode("utf-8"))
-        fsync_dir(self.dot / "commits")
+        fsync_dir(self.root / layout.COMMITS)
         crashpoint("recorded")
         self._apply(record)
         return version
 
     def _apply(self, record: dict) -> None:
         """Idempotent roll-forward of a recorded commit: renames, removals, ledger, HEAD."""
-        staging = self.dot / "staging" / record["id"]
+        staging = self.root / layout.STAGING / record["id"]
         order = sorted(record["add"], key=lambda r: (r in layout.META_FILES, layout.META_FILES.index(r)
                                                      if r in layout.META_FILES else 0, r))
         with self._apply_lock(shared=False):
@@ -362,9 +362,9 @@ class Store:
             for rel in record["remove"]:
                 (self.root / rel).unlink(missing_ok=True)
             if record["ledger"]:
-                append_ledger(self.dot / "ledger.jsonl", record["ledger"])
+                append_ledger(self.root / layout.LEDGER, record["ledger"])
             crashpoint("ledger")
-            write_atomic(self.dot / "HEAD", json.dumps(record["version"]).encode())
+            write_atomic(self.root / layout.HEAD, json.dumps(record["version"]).encode())
         crashpoint("head")
         shutil.rmtree(staging, ignore_errors=True)
         for rel in record["remove"]:  # drop folders emptied by compaction
@@ -378,17 +378,17 @@ class Store:
     @contextmanager
     def snapshot(self) -> Iterator[Snapshot]:
         """Hard-link the committed files (and conveyor's bookkeeping) into a private folder."""
-        snap_dir = self.dot / "snapshots" / uuid.uuid4().hex
+        snap_dir = self.root / layout.SNAPSHOTS / uuid.uuid4().hex
         with self._apply_lock(shared=True):
             version = self.version
             files = dict(self.manifest())
-            for rel in ("HEAD", "ledger.jsonl", "manifest.json"):
-                p = self.dot / rel
+            for rel in layout.BOOKKEEPING:
+                p = self.root / rel
                 if p.exists():
-                    files[f"{DOT}/{rel}"] = FileEntry(p.stat().st_size, sha256_file(p))
-            for p in sorted((self.dot / "commits").glob("*.json")):
+                    files[rel] = FileEntry(p.stat().st_size, sha256_file(p))
+            for p in sorted((self.root / layout.COMMITS).glob("*.json")):
                 if int(p.stem) <= version.commit:
-                    files[f"{DOT}/commits/{p.name}"] = FileEntry(p.stat().st_size, sha256_file(p))
+                    files[f"{layout.COMMITS}/{p.name}"] = FileEntry(p.stat().st_size, sha256_file(p))
             for rel in files:
                 dst = snap_dir / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ in-process subflow about 1 s. Started by `conveyor up` through the `watch` deplo
 The deep check (lerobot load, seconds per batch) is kept off the latency path: the child ingest run
 commits and fast-validates, and the deep check of the new episodes runs as a `validate-deep` task of this
 watch run, concurrently, one at a time per store, batching whatever landed meanwhile; its lerobot part runs
-in a niced child process (`conveyor.validate`), so torch is never imported here and never holds this
+in a niced child process (`conveyor.lerobot_check`), so torch is never imported here and never holds this
 process's GIL while the next episode lands.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ _STOP = threading.Event()
 @task(name="validate-deep", **RETRY)
 def validate_lerobot_task(store_path: Path, episodes: list[int]) -> ValidationReport:
     """lerobot's own loader on the newly landed episodes (their fast check ran in their ingest run)."""
-    from conveyor.validate import validate_lerobot
+    from conveyor.lerobot_check import validate_lerobot
 
     log = get_run_logger()
     report = validate_lerobot(Path(store_path), episodes=episodes)

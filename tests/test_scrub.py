@@ -316,3 +316,44 @@ def test_a_backup_refuses_to_spread_damage(store, tmp_path):
     with pytest.raises(ConveyorError, match="stats.json: does not hash to the sha256 its commit recorded"):
         B.backup(store, repo)
     assert B.snapshot_ids(repo) == []
+
+
+# -- one line per damaged file (issue 21 item 5) -------------------------------------------------------------
+
+@pytest.fixture
+def one_file_store(source, tmp_path) -> Path:
+    """Every episode in one data file: damage to it concerns all of them."""
+    convert(source, tmp_path / "one")
+    return tmp_path / "one"
+
+
+def _failure_lines(report) -> list[str]:
+    lines = [f"{c.name}: {c.detail}" for c in report.failures]
+    assert len(lines) == len(set(lines)), lines  # nothing said twice
+    return lines
+
+
+def test_a_damaged_data_file_is_one_line_naming_its_episodes(one_file_store):
+    zero_middle(one_file_store / "data/chunk-000/file-000.parquet")
+    lines = _failure_lines(validate_fast(one_file_store))
+    about = [ln for ln in lines if "readable" in ln]
+    assert len(about) == 1 and about[0].startswith("file data/chunk-000/file-000.parquet readable: episodes 0-3: "), \
+        lines
+    assert not [ln for ln in lines if ln.startswith("episode ")], lines  # no line per episode
+
+
+@pytest.mark.lerobot
+def test_deep_validation_of_a_damaged_data_file_has_no_traceback_and_no_repeats(one_file_store):
+    zero_middle(one_file_store / "data/chunk-000/file-000.parquet")
+    lines = _failure_lines(validate_deep(one_file_store))
+    assert len([ln for ln in lines if "readable" in ln]) == 1, lines
+    assert not [ln for ln in lines if "Traceback" in ln or 'File "' in ln or "\n" in ln], lines
+
+
+def test_a_dead_childs_output_is_its_exception_line():
+    from conveyor.lerobot_check import last_error_line
+
+    out = ('Traceback (most recent call last):\n  File "pyarrow/error.pxi", line 155, in check\n'
+           '    raise convert_status(status)\n          ^^^^^^^^\nOSError: Unexpected end of stream\n')
+    assert last_error_line(out) == "OSError: Unexpected end of stream"
+    assert last_error_line("Killed\n") == "Killed" and last_error_line("") == "no output"

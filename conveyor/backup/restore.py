@@ -5,6 +5,7 @@ import os
 import time
 from pathlib import Path
 
+from conveyor import layout
 from conveyor.backup.format import RestoreReport, manifest_key
 from conveyor.backup.manifests import read_manifest, resolve
 from conveyor.backup.objects import fetch
@@ -12,7 +13,7 @@ from conveyor.backup.walk import Progress
 from conveyor.errors import ConveyorError
 from conveyor.repo import Repo
 
-RESTORED_LAST = ("meta/info.json", ".conveyor/HEAD")  # in this order, after everything else
+RESTORED_LAST = (layout.INFO, layout.HEAD)  # in this order, after everything else
 
 
 def restore(repo: Repo, ref: str | None, dst: str | os.PathLike, *, force: bool = False,
