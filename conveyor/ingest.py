@@ -27,9 +27,10 @@ from conveyor.episodes import write_episodes
 from conveyor.errors import ConveyorError
 from conveyor.fileio import start_writeback
 from conveyor.ledger import LedgerRecord
+from conveyor.duplicates import known_duplicates, record_duplicates
 from conveyor.quarantine import record_quarantine
 from conveyor.prepare import PacketCap, Prepared, load_ahead, prepare_episode
-from conveyor.reports import EpisodeMapping, IngestReport, Quarantined
+from conveyor.reports import Duplicate, EpisodeMapping, IngestReport, Quarantined
 from conveyor.source import SourceEpisode, V21Source
 from conveyor.source_v3 import V30Source, is_session_folder, open_source, session_paths
 from conveyor.store import Commit, Store, is_store
@@ -43,12 +44,15 @@ Progress = Callable[[int, int, str], None]
 
 def ingest(source: str | Path | V21Source | V30Source, store: str | Path, *, task: str | None = None,
            data_mb: float = sizing.DATA_MB, video_mb: float = sizing.VIDEO_MB, lock_timeout: float | None = 60.0,
-           progress: Progress | None = None, max_episodes: int | None = None) -> IngestReport:
+           progress: Progress | None = None, max_episodes: int | None = None,
+           allow_duplicates: bool = False) -> IngestReport:
     """Append every complete source episode not yet in the store (creating it if missing). `source`: a v2.1
-    or v3.0 dataset folder, or a folder of v3.0 session datasets (each session its own source and commit)."""
+    or v3.0 dataset folder, or a folder of v3.0 session datasets (each session its own source and commit).
+    An episode whose content the store already holds (another path: a copied recording) is reported in
+    `duplicates`, not added, unless `allow_duplicates`."""
     if not isinstance(source, (V21Source, V30Source)) and is_session_folder(source):
         return ingest_sessions(source, store, task=task, data_mb=data_mb, video_mb=video_mb,
-                               lock_timeout=lock_timeout, progress=progress)
+                               lock_timeout=lock_timeout, progress=progress, allow_duplicates=allow_duplicates)
     t0 = time.monotonic()
     src = source if isinstance(source, (V21Source, V30Source)) else open_source(source)
     store_root = Path(store).resolve()
@@ -60,9 +64,11 @@ def ingest(source: str | Path | V21Source | V30Source, store: str | Path, *, tas
     try:
         s = Store.open(store_root, create=True)
         with s.lock(timeout=lock_timeout):
-            report = _ingest_locked(src, s, task, data_mb, video_mb, progress, max_episodes)
+            report, duplicates = _ingest_locked(src, s, task, data_mb, video_mb, progress, max_episodes,
+                                                allow_duplicates)
             record_quarantine(s.root, report.source, [(q.source_episode_index, q.reason)
                                                       for q in report.quarantined])
+            record_duplicates(s.root, report.source, duplicates)
     except BaseException:
         if created and not Store(store_root).version.commit:
             shutil.rmtree(store_root, ignore_errors=True)  # leave nothing behind for a failed first ingest
@@ -87,21 +93,23 @@ def ingest_sessions(folder: str | Path, store: str | Path, **kw) -> IngestReport
         total.changed += r.changed
         total.incomplete += r.incomplete
         total.already += r.already
+        total.duplicates += r.duplicates
         total.version = r.version
     total.seconds = time.monotonic() - t0
     return total
 
 
 def convert(source: str | Path | V21Source | V30Source, dst: str | Path, *, task: str | None = None, data_mb: float = sizing.DATA_MB,
-            video_mb: float = sizing.VIDEO_MB, overwrite: bool = False, progress: Progress | None = None
-            ) -> IngestReport:
+            video_mb: float = sizing.VIDEO_MB, overwrite: bool = False, progress: Progress | None = None,
+            allow_duplicates: bool = False) -> IngestReport:
     """One-shot conversion into a fresh store, built beside `dst` and renamed into place at the end."""
     dst = Path(dst).resolve()
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise ConveyorError(dst, "destination exists; pass --overwrite to replace it")
     tmp = dst.with_name(f".{dst.name}.converting-{uuid.uuid4().hex[:8]}")
     try:
-        report = ingest(source, tmp, task=task, data_mb=data_mb, video_mb=video_mb, progress=progress)
+        report = ingest(source, tmp, task=task, data_mb=data_mb, video_mb=video_mb, progress=progress,
+                        allow_duplicates=allow_duplicates)
         if not report.added:
             raise ConveyorError(Path(report.source), "no complete episodes to convert"
                                 + (f" ({len(report.quarantined)} quarantined: {report.quarantined[0].reason})"
@@ -119,21 +127,23 @@ def convert(source: str | Path | V21Source | V30Source, dst: str | Path, *, task
     return report
 
 
-def _ingest_locked(src: V21Source, s: Store, task, data_mb, video_mb, progress, max_episodes) -> IngestReport:
-    """The phases, in order; the transaction commits them as one version, or leaves the store untouched."""
-    plan = plan_from_ledger(src, s, task, data_mb, video_mb, max_episodes)
+def _ingest_locked(src: V21Source, s: Store, task, data_mb, video_mb, progress, max_episodes,
+                   allow_duplicates: bool = False) -> tuple[IngestReport, list]:
+    """The phases, in order; the transaction commits them as one version, or leaves the store untouched.
+    Also returns the duplicates to record (`conveyor.duplicates`)."""
+    plan = plan_from_ledger(src, s, task, data_mb, video_mb, max_episodes, allow_duplicates=allow_duplicates)
     if not plan.ready:
-        return plan.report
+        return plan.report, plan.duplicates
     with s.transaction("append") as tx, VideoWriter(tx, s, plan) as video:
         batch = write_data(tx, s, plan, progress, video)
         if not batch.episodes:
             tx.cancel()
-            return plan.report
+            return plan.report, plan.duplicates
         videos = write_videos(plan, video, progress)
         rows = write_episode_metadata(tx, s, plan, batch, videos)
         write_info_stats_tasks_ledger(tx, s, plan, batch, rows)
         video.staged()
-    return added_report(plan, batch, rows, tx.version)
+    return added_report(plan, batch, rows, tx.version), plan.duplicates
 
 
 # -- phases --------------------------------------------------------------------------------------------
@@ -147,6 +157,19 @@ class Plan:
     task: str | None
     ready: list[SourceEpisode]
     report: IngestReport
+    allow_duplicates: bool = False
+    seen: dict[str, tuple[int, str, int]] = field(default_factory=dict)  # content hash -> (store ep, source, ep)
+    duplicates: list[tuple[Duplicate, dict]] = field(default_factory=list)  # with each one's file fingerprint
+
+    def duplicate(self, ep: int, content_hash: str, files: dict) -> bool:
+        """Whether the store (or this batch) already holds this content: then it is reported, not added."""
+        hit = None if self.allow_duplicates else self.seen.get(content_hash)
+        if hit is None:
+            return False
+        d = Duplicate(self.report.source, ep, content_hash, *hit)
+        self.report.duplicates.append(d)
+        self.duplicates.append((d, files))
+        return True
 
     @property
     def features(self) -> dict:
@@ -173,8 +196,10 @@ class Batch:
         return self.frame_start + sum(p.length for p in self.episodes)
 
 
-def plan_from_ledger(src: V21Source, s: Store, task, data_mb, video_mb, max_episodes) -> Plan:
-    """The complete source episodes not in the ledger, plus what to report: changed, bad, still recording."""
+def plan_from_ledger(src: V21Source, s: Store, task, data_mb, video_mb, max_episodes, *,
+                     allow_duplicates: bool = False) -> Plan:
+    """The complete source episodes not in the ledger, plus what to report: changed, bad, still recording,
+    already in the store through another path (recorded duplicates whose files are unchanged: no hashing)."""
     info = s.info or new_info(src, data_mb, video_mb)
     if s.info:
         src.check_compatible(info, s.root)
@@ -187,11 +212,23 @@ def plan_from_ledger(src: V21Source, s: Store, task, data_mb, video_mb, max_epis
     report.changed = [_quarantined(src, ep, f"content changed after it was ingested as store episode "
                                             f"{r.episode_index}")
                       for ep, r in sorted(mine.items()) if src.changed_since(ep, r.files, r.content_hash)]
-    ready, scan = src.scan(skip=set(mine) | dropped, probe_videos=False)
+    seen = {r.content_hash: (r.episode_index, r.source, r.source_episode_index) for r in state.records}
+    known = {} if allow_duplicates else known_duplicates(s.root, source_key, set(seen))
+    known = {ep: d for ep, d in known.items() if ep not in mine and _fingerprint(src, ep) == d[1]}
+    report.duplicates = [d for d, _ in known.values()]
+    ready, scan = src.scan(skip=set(mine) | dropped | set(known), probe_videos=False)
     src.check_declared_cameras(ready)
     report.incomplete = scan.incomplete
     report.quarantined = [_quarantined(src, ep, reason) for ep, reason in sorted(scan.bad.items())]
-    return Plan(src, info, task, ready[:max_episodes] if max_episodes is not None else ready, report)
+    return Plan(src, info, task, ready[:max_episodes] if max_episodes is not None else ready, report,
+                allow_duplicates, seen, list(known.values()))
+
+
+def _fingerprint(src, ep: int) -> dict | None:
+    try:
+        return src.fingerprint(ep)
+    except (OSError, KeyError, IndexError):
+        return None
 
 
 def write_data(tx: Commit, s: Store, plan: Plan, progress: Progress | None, video: VideoWriter) -> Batch:
@@ -209,11 +246,16 @@ def write_data(tx: Commit, s: Store, plan: Plan, progress: Progress | None, vide
         if progress:
             progress(i, len(ready), f"episode {ep.index}")
         try:
-            p = prepare_episode(src, ep, loaded(), batch.episode_start + len(batch.episodes), frame, task_ids,
+            lo = loaded()
+            if plan.duplicate(ep.index, lo.content_hash, lo.fingerprint):
+                continue
+            p = prepare_episode(src, ep, lo, batch.episode_start + len(batch.episodes), frame, task_ids,
                                 tasks, src_tasks, plan.task, schema)
         except ConveyorError as e:
             plan.report.quarantined.append(_quarantined(src, ep.index, str(e)))
             continue
+        plan.seen.setdefault(p.content_hash, (batch.episode_start + len(batch.episodes), plan.report.source,
+                                              ep.index))
         batch.data_files.append(data.write(p.table))
         batch.values.append(quantiles.table_values(plan.features, p.table))
         p.table = None

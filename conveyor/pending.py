@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from conveyor.duplicates import known_duplicates
 from conveyor.reports import IngestReport
 from conveyor.source import V21Source, comparable_features
 from conveyor.source_v3 import V30Source, fingerprint_files, is_session_folder, open_source, session_paths
@@ -36,16 +37,18 @@ def nothing_new(source: str | Path | V21Source | V30Source, store: str | Path) -
     state = s.ledger_state()
     mine = {r.source_episode_index: r for r in state.records if r.source == key}
     records = src.episode_records()
-    if set(records) - set(mine) - {ep for k, ep in state.dropped if k == key}:  # a dropped one is not new
+    dups = known_duplicates(root, key, {r.content_hash for r in state.records})  # same content, other path
+    if set(records) - set(mine) - set(dups) - {ep for k, ep in state.dropped if k == key}:  # dropped: not new
         return None
-    for ep, r in mine.items():
+    for ep, files in [(ep, r.files) for ep, r in mine.items()] + [(ep, d[1]) for ep, d in dups.items()]:
         try:
-            if src.fingerprint(ep) != r.files:
+            if src.fingerprint(ep) != files:
                 return None  # maybe changed: the full ingest compares content hashes and reports it
         except FileNotFoundError:  # the full ingest skips such an episode too
             continue
     report = IngestReport(source=key, store=str(root), version=s.version, already=len(mine),
-                          incomplete=src.unrecorded(records))
+                          incomplete=src.unrecorded(records),
+                          duplicates=[d for ep, (d, _) in sorted(dups.items()) if ep not in mine])
     report.seconds = time.monotonic() - t0
     return report
 

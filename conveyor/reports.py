@@ -34,6 +34,25 @@ class Quarantined:
 
 
 @dataclass
+class Duplicate:
+    """A source episode not added because the store already holds its exact content (same content hash),
+    ingested from another path (a copied or moved recording)."""
+
+    source: str
+    source_episode_index: int
+    content_hash: str
+    store_episode_index: int  # the store episode that holds this content
+    store_source: str  # where that one came from
+    store_source_episode_index: int
+
+    @property
+    def reason(self) -> str:
+        return (f"{self.source} episode {self.source_episode_index} is already in the store as episode "
+                f"{self.store_episode_index}, ingested from {self.store_source} episode "
+                f"{self.store_source_episode_index} (same content); not added again")
+
+
+@dataclass
 class IngestReport:
     source: str
     store: str
@@ -43,6 +62,7 @@ class IngestReport:
     incomplete: list[int] = field(default_factory=list)  # source episodes still being recorded
     changed: list[Quarantined] = field(default_factory=list)  # ingested episodes whose source changed since
     already: int = 0  # source episodes already in the store
+    duplicates: list[Duplicate] = field(default_factory=list)  # same content already in the store, other path
     seconds: float = 0.0
 
     @property

@@ -83,7 +83,11 @@ def print_ingest(r: IngestReport) -> None:
         print(f"  CHANGED source episode {q.source_episode_index}: {q.reason}")
     if r.incomplete:
         print(f"  still being recorded: {r.incomplete}")
-    print(f"{len(r.added)} new episode(s), {r.already} already in store, {len(r.quarantined)} quarantined; "
+    for d in r.duplicates:
+        print(f"  already present: {d.reason}")
+    dup = f"{len(r.duplicates)} already present from another path (--allow-duplicates adds them), " \
+        if r.duplicates else ""
+    print(f"{len(r.added)} new episode(s), {r.already} already in store, {dup}{len(r.quarantined)} quarantined; "
           f"store {r.store} at {r.version.short}: {r.version.total_episodes} episodes, "
           f"{r.version.total_frames} frames ({r.seconds:.2f} s)")
 
@@ -154,7 +158,7 @@ def _ingest(a: argparse.Namespace) -> int:
     store = resolve_store(a, a.store, new=True)
     src = a.src if is_session_folder(a.src) else open_source(a.src)  # v2.1, v3.0, or a folder of v3.0 sessions
     r = nothing_new(src, store)  # the common case, without importing pyarrow/numpy/PyAV
-    if r is not None:
+    if r is not None and not (a.allow_duplicates and r.duplicates):
         print_ingest(r)
         return _exit_code(r)
     if not is_store(store) and isinstance(src, V21Source):  # a first ingest is a whole conversion: hash
@@ -164,7 +168,7 @@ def _ingest(a: argparse.Namespace) -> int:
 
     with progress_bar("ingesting") as cb:
         r = ingest(src, store, task=a.task, data_mb=a.data_mb, video_mb=a.video_mb, lock_timeout=a.lock_timeout,
-                   progress=cb)
+                   progress=cb, allow_duplicates=a.allow_duplicates)
     print_ingest(r)
     return _exit_code(r)
 
@@ -218,6 +222,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", metavar="STORE", help="store name (folder under store_root) or store folder")
     sizes(p)
     p.add_argument("--lock-timeout", type=float, default=60.0, help="seconds to wait for another writer")
+    p.add_argument("--allow-duplicates", action="store_true",
+                   help="also add episodes whose exact content the store already holds from another path "
+                        "(default: report them as already present, with both paths)")
     p.set_defaults(handler=_ingest)
 
     p = sub.add_parser("validate", help="check a store (exit 1 on any failure)",
