@@ -86,6 +86,20 @@ class QuarantineEntry(BaseModel):
     time: datetime | None = None
 
 
+class CuratedEntry(BaseModel):
+    """One curation of one episode (`conveyor drop | trim | retask | undrop`), from the ledger."""
+
+    action: str
+    episode: int | None = Field(None, description="store index now (None: dropped)")
+    drop_id: int | None = Field(None, description="the id `conveyor undrop` takes (dropped episodes)")
+    source: str
+    source_episode_index: int
+    detail: str = ""
+    reason: str = ""
+    time: datetime | None = None
+    version: str = Field("", description="the version (commit) it was done in")
+
+
 class SourceEntry(BaseModel):
     """A source folder that fed the store, and its kind (read from its info.json now)."""
 
@@ -106,6 +120,8 @@ class StoreDetail(StoreSummary):
     versions: list[VersionEntry] = Field(default_factory=list)
     quarantined: list[QuarantineEntry] = Field(default_factory=list)
     sources: list[SourceEntry] = Field(default_factory=list)
+    curated: list[CuratedEntry] = Field(default_factory=list, description="dropped episodes, then the latest "
+                                                                         "curation of each curated one")
 
 
 # -- reading -----------------------------------------------------------------------------------------
@@ -162,7 +178,31 @@ def describe(path: Path, name: str | None = None) -> StoreDetail:
     for r in s.ledger():
         counts[r.source] = counts.get(r.source, 0) + 1
     detail.sources = [SourceEntry(path=p, kind=source_kind(Path(p)), episodes=n) for p, n in sorted(counts.items())]
+    detail.curated = curated(s)
     return detail
+
+
+def curated(s: Store) -> list[CuratedEntry]:
+    """What curation did, per source episode: the dropped ones (with their drop id), then each live episode's
+    latest trim / retask / rename / undrop."""
+    from conveyor.curate import drop_ids
+
+    state = s.ledger_state()
+    ids, live = drop_ids(state), {r.key: r.episode_index for r in state.records}
+    latest: dict[tuple[str, int], tuple] = {}
+    for c in state.curations:
+        detail = ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}" for k, v in c.detail.items())
+        for k in c.touched:
+            latest[tuple(k)] = (c, detail)
+    out = []
+    for k, (c, detail) in latest.items():
+        if k not in live and c.action != "drop":
+            continue
+        out.append(CuratedEntry(action=c.action if k in live else "drop", episode=live.get(k),
+                                drop_id=ids.get(k) if k not in live else None, source=k[0],
+                                source_episode_index=k[1], detail=detail, reason=c.reason,
+                                time=datetime.fromisoformat(c.time), version=f"c{c.commit}"))
+    return sorted(out, key=lambda e: (e.episode is not None, e.drop_id or 0, e.episode or 0))
 
 
 def source_kind(path: Path) -> str:

@@ -283,3 +283,18 @@ def _lerobot_reads_curated(python, store: Path, source: Path, tmp: Path) -> None
     src_rows = pq.ParquetFile(source / "data/chunk-000/episode_000003.parquet").read().to_pylist()
     trimmed = items[LENGTHS[0] + LENGTHS[2]:][:17]
     assert np.allclose([it["action"] for it in trimmed], [x["action"] for x in src_rows[4:21]])
+
+
+def test_show_lists_curated_episodes(store):
+    from conveyor.inventory import describe
+
+    curate.drop(store, [2], "failed grasp")
+    curate.trim(store, 0, 1, 10, reason="bumped at the end")
+    d = describe(store)
+    dropped = [e for e in d.curated if e.episode is None]
+    assert [(e.action, e.drop_id, e.source_episode_index, e.reason) for e in dropped] == [
+        ("drop", 1, 2, "failed grasp")]
+    trimmed = [e for e in d.curated if e.action == "trim"]
+    assert trimmed[0].episode == 0 and trimmed[0].detail == "start 1, end 10" and trimmed[0].version == "c4"
+    r = subprocess.run(CLI + ["show", str(store), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["curated"][0]["drop_id"] == 1

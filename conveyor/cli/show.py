@@ -142,4 +142,13 @@ def _show(args: argparse.Namespace) -> int:
         c.print(t)
     else:
         c.print("quarantined: none")
+    if d.curated:
+        t = Table(title="curated (`conveyor undrop STORE ID` brings a dropped one back)")
+        for col in ("episode", "drop id", "action", "source episode", "detail", "reason", "when", "version"):
+            t.add_column(col)
+        for e in d.curated:
+            t.add_row("-" if e.episode is None else str(e.episode), "" if e.drop_id is None else str(e.drop_id),
+                      e.action, f"{e.source} #{e.source_episode_index}", e.detail, e.reason,
+                      f"{e.time:%Y-%m-%d %H:%M}" if e.time else "", e.version)
+        c.print(t)
     return 0
