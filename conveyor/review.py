@@ -299,7 +299,8 @@ def html_sheet(sheet: Sheet) -> str:
         src = (f" &middot; source episode {c.source_episode_index} of <code>{e(Path(c.source).name)}</code>"
                if c.source else "")
         parts.append(f"<section class=card id=ep-{c.episode_index} data-episode={c.episode_index}>"
-                     f"<div class=head><span class=ep title=\"store episode\">{c.episode_index}</span><span class=meta>{c.length} frames, "
+                     f"<div class=head><span class=ep title=\"store episode\">{c.episode_index}</span>"
+                     f"<span class=meta>{c.length} frames, "
                      f"{c.seconds:.1f} s &middot; came in {e(_came_in(c))}{src}</span></div>"
                      f"<div class=task>{e(_task_text(c))}</div>")
         for cam, thumbs in c.thumbs.items():

@@ -226,7 +226,7 @@ class Supervisor:
         """Register prefect.yaml's deployments, with this checkout as the pull directory and the nightly and
         backup schedules from settings; deployments whose flow file does not exist yet are skipped (and said so).
 
-        The `cpu` flows (watch, ingest, nightly, backup) need this machine's recordings and stores, so they are
+        The `cpu` flows (watch, ingest, curate, nightly, backup) need this machine's recordings and stores, so they are
         registered as `<flow>/<machine>` on this machine's work queue, which only this machine's cpu worker
         polls: two recording PCs on one server each get their own watcher, schedules and UI runs."""
         spec = yaml.safe_load((self.project / "prefect.yaml").read_text(encoding="utf-8"))

@@ -14,6 +14,7 @@ from conveyor.settings import load_settings
 from conveyor.trigger import training_due
 from tasks.artifacts import episode_table, quarantine_summary
 from tasks.datasets import publish_task
+from tasks.review import review_sheet
 from tasks.views import (ingest_run_name, rename_this_run, store_overview, validation_failed,
                          validation_summary)
 from tasks.ingest import (append_episodes, record_version, trigger_training, validate_deep_task,
@@ -66,6 +67,11 @@ def ingest(source: str, config: str | None = None, deep: bool = True, train: boo
             store_overview(src.name, store)
         except Exception as e:  # noqa: BLE001 - a picture must never fail an ingest
             log.warning("store overview artifact not updated: %s", e)
+    if new:
+        try:
+            review_sheet(src.name, store, new)
+        except Exception as e:  # noqa: BLE001 - a picture must never fail an ingest
+            log.warning("review sheet artifact not made: %s", e)
 
     run_id = None
     before = version.total_episodes - len(new)

@@ -424,7 +424,7 @@ def test_conveyor_up_runs_the_service_and_stops_cleanly(tmp_path):
         by_flow = {flow_name[d["flow_id"]]: d for d in deps}
         machine = Settings().prefect.machine
         assert {f: (d["name"], d["work_pool_name"], d["work_queue_name"]) for f, d in by_flow.items()} == {
-            **{f: (machine, "cpu", machine) for f in ("watch", "ingest", "nightly", "backup")},
+            **{f: (machine, "cpu", machine) for f in ("watch", "ingest", "curate", "nightly", "backup")},
             "train": ("train", "gpu", "default"), "evaluate": ("evaluate", "gpu", "default")}
         assert by_flow["nightly"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
         assert flow_runs(api_url, "watch")[0]["work_queue_name"] == machine

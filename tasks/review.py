@@ -1,0 +1,32 @@
+"""The review sheet of an ingest run's new episodes, as a markdown artifact (key `review-<store>`).
+
+Bounded like every artifact here: at most `ARTIFACT_MAX_EPISODES` cards and `ARTIFACT_MAX_BYTES` of pictures
+(3 small thumbnails per camera), the rest named with the `conveyor review` command that shows them. The run
+page's artifact card shows only the description, so it carries the first new episode's first camera strip.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from conveyor.review import ARTIFACT_MAX_BYTES, ARTIFACT_MAX_EPISODES, markdown_sheet, review, spans
+from tasks.artifacts import slug
+
+
+@task(name="review-sheet")
+def review_sheet(store_name: str, store_path: Path, episodes: list[int]) -> str:
+    """Cards for `episodes` (the run's new ones) as one markdown artifact; returns its key."""
+    sheet = review(Path(store_path), episodes, store_name, frames=3, thumb_width=128,
+                   max_episodes=ARTIFACT_MAX_EPISODES, max_bytes=ARTIFACT_MAX_BYTES)
+    key = f"review-{slug(store_name)}"
+    description = f"{store_name}: review {len(sheet.asked)} new episode(s), {spans(sheet.asked)}"
+    if sheet.cards and sheet.cards[0].thumbs:
+        first = sheet.cards[0]
+        cam, thumbs = next(iter(first.thumbs.items()))
+        description += "\n\n" + " ".join(f"![{p.alt}]({p.uri()})" for _, p in thumbs)
+    create_markdown_artifact(markdown_sheet(sheet), key=key, description=description)
+    get_run_logger().info("review sheet %s: %d of %d new episode(s) of %s", key, len(sheet.cards),
+                          len(sheet.asked), store_name)
+    return key
