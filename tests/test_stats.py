@@ -161,3 +161,24 @@ def test_store_without_current_values_is_rebuilt_from_its_data(source, tmp_path)
     ingest(source, store)
     assert_exact(store)
     assert validate_fast(store, against=source).ok
+
+
+def test_curations_keep_stats_exact(source, tmp_path, monkeypatch):
+    """Drop, trim and retask replace data files; stats.json stays exact over every row. Dropping the last
+    episode reads only the data file it replaces (the committed values minus its rows), not every file."""
+    from conveyor.curate import drop, retask, trim
+
+    store = tmp_path / "store"
+    for _ in LENGTHS:
+        ingest(source, store, max_episodes=1)  # one data file per episode
+    with monkeypatch.context() as m:
+        m.setattr(quantiles, "episode_values", lambda *a: pytest.fail("read every live row"))
+        drop(store, [4], reason="operator bumped the arm")
+    assert_exact(store)
+    trim(store, 1, 3, 20)
+    assert_exact(store)
+    retask(store, [0, 2], "stack the cups")
+    assert_exact(store)
+    assert validate_fast(store).ok
+    ingest(source, store)  # nothing new (4 is dropped): the values still cover the store
+    assert quantiles.is_current(Store.open(store), json.loads((store / layout.INFO).read_text())["features"])
