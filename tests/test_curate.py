@@ -246,7 +246,7 @@ def test_lerobot_06_reads_a_curated_version_exactly(store, source, tmp_path):
 @pytest.mark.lerobot
 @pytest.mark.slow
 def test_lerobot_044_reads_a_curated_version_exactly(store, source, tmp_path):
-    from tests import lerobot_envs
+    import lerobot_envs
 
     venv = lerobot_envs.venv_path()
     if lerobot_envs.installed_version(venv) != lerobot_envs.VERSION:
@@ -298,3 +298,41 @@ def test_show_lists_curated_episodes(store):
     assert trimmed[0].episode == 0 and trimmed[0].detail == "start 1, end 10" and trimmed[0].version == "c4"
     r = subprocess.run(CLI + ["show", str(store), "--json"], capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["curated"][0]["drop_id"] == 1
+
+
+def test_curate_compact_scrub_backup_restore_and_the_earlier_version(store, source, tmp_path):
+    """Curation then compaction, scrub, backup and restore give the exact store; the version published before
+    the curation still materializes file for file."""
+    from conveyor.backup.restore import restore
+    from conveyor.backup.snapshot import backup
+    from conveyor.datasets.format import read_version
+    from conveyor.datasets.materialize import materialize
+    from conveyor.datasets.publish import publish
+    from conveyor.fileio import sha256_file
+    from conveyor.repo import open_repo
+    from conveyor.scrub import scrub
+    from conveyor.settings import S3Settings
+
+    repo = open_repo(f"file://{tmp_path / 'repo'}", S3Settings())
+    before = Store.open(store).manifest()
+    pre = publish(store, repo, name="koch")
+    curate.drop(store, [1, 5], "failed grasp")
+    curate.trim(store, 0, 2, 11)
+    curate.retask(store, [2], "stack the cups")
+    compact(store)
+    _ok(store, source)
+    assert scrub(store).ok
+    backup(store, repo, name="koch")
+    out = tmp_path / "restored"
+    restore(repo, None, out)
+    manifest = Store.open(store).manifest()
+    assert {rel: sha256_file(out / rel) for rel in manifest} == {rel: e.sha256 for rel, e in manifest.items()}
+    assert (out / ".conveyor/ledger.jsonl").read_bytes() == (store / ".conveyor/ledger.jsonl").read_bytes()
+    assert Store.open(out).version == Store.open(store).version
+    _ok(out, source)
+    # the version before curation, as published, is still there to pin and train on
+    m = materialize(read_version(repo, pre.key), tmp_path / "cache", repo=repo, live_store=store)
+    got = {p.relative_to(m.path).as_posix(): sha256_file(p) for p in Path(m.path).rglob("*") if p.is_file()}
+    dataset = {rel: e.sha256 for rel, e in before.items() if not rel.startswith(".conveyor/")}
+    assert {rel: got.get(rel) for rel in dataset} == dataset
+    assert json.loads((Path(m.path) / "meta/info.json").read_text())["total_episodes"] == 6
