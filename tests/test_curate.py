@@ -336,3 +336,60 @@ def test_curate_compact_scrub_backup_restore_and_the_earlier_version(store, sour
     dataset = {rel: e.sha256 for rel, e in before.items() if not rel.startswith(".conveyor/")}
     assert {rel: got.get(rel) for rel in dataset} == dataset
     assert json.loads((Path(m.path) / "meta/info.json").read_text())["total_episodes"] == 6
+
+
+def test_dropping_while_the_watcher_runs(tmp_path):
+    """The watcher hands every complete episode to ingest (as the watch flow does); a dropped source episode is
+    not brought back, by new episodes landing or by a restarted watcher offering every episode again."""
+    import threading
+
+    from conveyor.synthetic.recording import RecordingWriter
+    from conveyor.watcher import EpisodeWatcher
+
+    rec, store = tmp_path / "rec", tmp_path / "store"
+    w = RecordingWriter(rec, SPEC)
+    offered: list[list[int]] = []
+
+    def on_ready(name, eps):
+        offered.append(eps)
+        ingest(rec, store)
+
+    def run_watcher():
+        watcher = EpisodeWatcher({"rec": rec}, on_ready=on_ready, settle_seconds=2.0, debounce_seconds=0.1,
+                                 rescan_seconds=0.5, on_error=lambda n, e: None)
+        stop = threading.Event()
+        t = threading.Thread(target=watcher.run, kwargs={"stop": stop}, daemon=True)
+        t.start()
+        return stop, t
+
+    def landed(n):
+        end = time.time() + 30
+        while time.time() < end:
+            if Store.open(store).version.total_episodes == n if (store / ".conveyor").is_dir() else False:
+                return True
+            time.sleep(0.1)
+        return False
+
+    stop, t = run_watcher()
+    try:
+        for ep in range(3):
+            w.write_episode(ep, 12, "pick")
+        assert landed(3)
+        curate.drop(store, [1], "bumped", lock_timeout=30)
+        w.write_episode(3, 12, "pick")
+        assert landed(3)  # 3 - 1 + 1
+    finally:
+        stop.set()
+        t.join(10)
+    stop, t = run_watcher()  # a fresh watcher offers every complete episode again
+    try:
+        n = len(offered)
+        end = time.time() + 20
+        while len(offered) == n and time.time() < end:
+            time.sleep(0.1)
+        assert len(offered) > n and 1 in offered[-1]
+    finally:
+        stop.set()
+        t.join(10)
+    assert [r.source_episode_index for r in Store.open(store).ledger()] == [0, 2, 3]
+    _ok(store, rec)
