@@ -29,9 +29,18 @@ class _Table(BaseModel):
 class SourceSettings(_Table):
     """A v2.1 recording folder the recorder writes into; its store is `<store_root>/<name>`."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="store name (folder under store_root)")
+    name: str = Field(description="store name (folder under store_root; conveyor/stores.py's name rule)")
     path: Path = Field(description="v2.1 dataset folder the recorder writes into")
     task: str | None = Field(None, description="task text for episodes recorded without one")
+
+    @field_validator("name")
+    @classmethod
+    def _store_name(cls, v: str) -> str:
+        from conveyor.stores import NAME_RULE, name_problem
+
+        if name_problem(v):
+            raise ValueError(f"not a valid store name ({name_problem(v)}): use {NAME_RULE}")
+        return v
 
 
 class S3Settings(_Table):
@@ -165,7 +174,10 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
     def store_path(self, name: str) -> Path:
-        return self.store_root / name
+        """The store of a source or a store name: `<store_root>/<name>`, the name checked (conveyor/stores.py)."""
+        from conveyor.stores import check_name
+
+        return self.store_root / check_name(name)
 
     def source(self, name: str) -> SourceSettings:
         for s in self.sources:

@@ -117,7 +117,7 @@ def test_store_commands_take_a_name_or_a_path(tmp_path, capsys, monkeypatch):
     assert main(c + ["convert", "rec", "copy"]) == 0 and (tmp_path / "stores/copy/.conveyor").is_dir()
     capsys.readouterr()
     assert main(c + ["validate", "nope"]) == 1
-    assert "not a conveyor store" in one_error_line(capsys)
+    assert "no store named `nope` under " in one_error_line(capsys)  # and the known stores (tests/test_stores.py)
     write_recording(tmp_path / "raw", episodes=1, lengths=3, spec=SPEC)
     assert main(c + ["validate", "raw"]) == 1  # no store of that name: the folder here, said for what it is
     assert "v2.1 recording" in one_error_line(capsys)

@@ -23,7 +23,6 @@ A file with ``pack: null`` is the blob ``blobs/<sha[:2]>/<sha256>``; otherwise i
 from __future__ import annotations
 
 import gzip
-import re
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
@@ -34,7 +33,6 @@ from conveyor.version import DatasetVersion
 FORMAT = "conveyor-snapshot/1"
 PACK_MIN = 1 << 20        # files smaller than this go into packs
 PACK_TARGET = 8 << 20     # a pack is closed once it reaches this size
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 class ManifestFile(BaseModel):
@@ -168,9 +166,10 @@ def split_ref(url: str) -> tuple[str, str | None]:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise ConveyorError(name, "backup target names may use only letters, digits, '.', '_' and '-'")
-    return name
+    """A backup target's name follows the one store-name rule (conveyor/stores.py): a store backs up by its name."""
+    from conveyor.stores import check_name as check
+
+    return check(name, "backup target")
 
 
 def encode(m: BaseModel) -> bytes:

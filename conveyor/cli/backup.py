@@ -1,6 +1,8 @@
 """`conveyor backup | snapshots | restore`: snapshots in object storage (see `conveyor.backup`).
 
-    conveyor backup STORE_OR_SOURCE [--to URL]        one snapshot (URL defaults to settings.storage_url)
+    conveyor backup STORE_OR_SOURCE [--to URL]        one snapshot (URL defaults to settings.storage_url);
+                                                      short for `backup store STORE_OR_SOURCE` (a store named
+                                                      `verify` or `prune`: `conveyor backup store verify`)
     conveyor backup verify [URL[@SNAPSHOT]] [--full]  re-read objects, exit 1 naming any bad one
     conveyor backup prune [URL] [--keep-daily N] [--keep-weekly M]
     conveyor snapshots [URL]
@@ -15,27 +17,32 @@ from pathlib import Path
 from conveyor.cli.store import progress_bar
 from conveyor.errors import ConveyorError
 
-VERBS = ("verify", "prune")
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the `conveyor` parser."""
     p = sub.add_parser(
         "backup", help="snapshot a store or recording into object storage (also: backup verify|prune)",
-        description="`conveyor backup STORE_OR_SOURCE [--to URL]` writes one incremental snapshot; "
-                    "`conveyor backup verify [URL[@SNAPSHOT]] [--full]` re-reads and re-hashes objects; "
+        description="`conveyor backup STORE_OR_SOURCE [--to URL]` writes one incremental snapshot (short for "
+                    "`conveyor backup store STORE_OR_SOURCE`, which also backs up a store named `verify` or "
+                    "`prune`); `conveyor backup verify [URL[@SNAPSHOT]] [--full]` re-reads and re-hashes objects; "
                     "`conveyor backup prune [URL]` applies retention (keep N daily, M weekly).")
-    p.add_argument("target", metavar="STORE_OR_SOURCE",
-                   help="store folder, recording folder, or the name of a configured store/source; "
-                        "or the word `verify` / `prune`")
-    p.add_argument("url", nargs="?", metavar="URL[@SNAPSHOT]", help="with verify/prune: the repository URL")
-    p.add_argument("--to", metavar="URL", help="file:///path or s3://bucket/prefix (default: storage_url)")
-    p.add_argument("--name", help="target name in the repository (default: store/source name or folder name)")
-    p.add_argument("--full", action="store_true", help="verify: re-read every object, not a sample")
-    p.add_argument("--sample", type=int, help="verify: objects re-read (default: backup.verify_sample)")
-    p.add_argument("--keep-daily", type=int, help="prune: daily snapshots kept (default: backup.keep_daily)")
-    p.add_argument("--keep-weekly", type=int, help="prune: weekly snapshots kept (default: backup.keep_weekly)")
-    p.set_defaults(handler=_backup, _parser=p)
+    acts = p.add_subparsers(dest="action", required=True, metavar="{STORE_OR_SOURCE,store,verify,prune}")
+    st = acts.add_parser("store", help="one snapshot of STORE_OR_SOURCE (the default action)")
+    st.add_argument("target", metavar="STORE_OR_SOURCE",
+                    help="store folder, recording folder, or the name of a configured store/source")
+    st.add_argument("--to", metavar="URL", help="file:///path or s3://bucket/prefix (default: storage_url)")
+    st.add_argument("--name", help="target name in the repository (default: store/source name or folder name)")
+    st.set_defaults(handler=_backup)
+    v = acts.add_parser("verify", help="re-read objects, exit 1 naming any bad one")
+    v.add_argument("url", nargs="?", metavar="URL[@SNAPSHOT]", help="the repository (default: storage_url)")
+    v.add_argument("--full", action="store_true", help="re-read every object, not a sample")
+    v.add_argument("--sample", type=int, help="objects re-read (default: backup.verify_sample)")
+    v.set_defaults(handler=_verify)
+    pr = acts.add_parser("prune", help="apply retention and delete unreferenced objects")
+    pr.add_argument("url", nargs="?", metavar="URL", help="the repository (default: storage_url)")
+    pr.add_argument("--keep-daily", type=int, help="daily snapshots kept (default: backup.keep_daily)")
+    pr.add_argument("--keep-weekly", type=int, help="weekly snapshots kept (default: backup.keep_weekly)")
+    pr.set_defaults(handler=_prune)
+    _store_by_default(p, acts.choices)
 
     s = sub.add_parser("snapshots", help="list the snapshots in a backup repository")
     s.add_argument("url", nargs="?", metavar="URL", help="backup repository (default: storage_url)")
@@ -66,35 +73,46 @@ def open_repo(settings, url: str):
 
 
 def resolve_target(settings, spec: str) -> tuple[Path, str]:
-    """STORE_OR_SOURCE -> (folder, target name). A path wins; then a store name; then a source name."""
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        p = p.resolve()
+    """STORE_OR_SOURCE -> (folder, target name), by the one STORE rule (conveyor/stores.py): a name is a store
+    under store_root, else a configured source (its recording, as `<name>.source`); a path is that folder."""
+    from conveyor.stores import check_name, is_path, resolve_store
+
+    if not is_path(spec):
+        if (settings.store_root / check_name(spec)).is_dir():
+            return (settings.store_root / spec).resolve(), spec
         for src in settings.sources:
-            if src.path == p:
-                return p, f"{src.name}.source"
-        return p, p.name
-    store = settings.store_path(spec)
-    if store.is_dir():
-        return store, spec
+            if src.name == spec:
+                return src.path, f"{src.name}.source"
+    p = resolve_store(spec, settings.store_root)  # a path, or a folder of that name here; else the known stores
+    if not p.is_dir():
+        raise ConveyorError(spec, "no such folder")
+    p = p.resolve()
     for src in settings.sources:
-        if src.name == spec:
-            return src.path, f"{src.name}.source"
-    raise ConveyorError(spec, "not a folder, nor the name of a store under store_root or a configured source")
+        if src.path == p:
+            return p, f"{src.name}.source"
+    return p, p.name
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _store_by_default(parser: argparse.ArgumentParser, actions: dict) -> None:
+    """`conveyor backup lab` means `conveyor backup store lab`: argparse has no default subcommand, so the
+    backup parser puts `store` in front of arguments that do not start with an action (or --help)."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] not in actions and args[0] not in ("-h", "--help"):
+            args.insert(0, "store")
+        return parse(args, namespace)
+
+    parser.parse_known_args = parse_known_args
+
+
 def _backup(args) -> int:
     settings = _settings(args)
-    if args.target in VERBS:
-        if args.to:
-            args._parser.error(f"`backup {args.target}` takes the URL as an argument, not --to")
-        return _verify(args, settings) if args.target == "verify" else _prune(args, settings)
-    if args.url or args.full or args.sample is not None or args.keep_daily is not None or args.keep_weekly is not None:
-        args._parser.error("`backup STORE_OR_SOURCE` takes only --to and --name")
     from conveyor.backup import backup
 
     folder, name = resolve_target(settings, args.target)
@@ -111,9 +129,10 @@ def _backup(args) -> int:
     return 0
 
 
-def _verify(args, settings) -> int:
+def _verify(args) -> int:
     from conveyor.backup import snapshot_ids, split_ref, verify
 
+    settings = _settings(args)
     url, ref = split_ref(args.url or settings.storage_url)
     sample = settings.backup.verify_sample if args.sample is None else args.sample
     bad = 0
@@ -132,10 +151,11 @@ def _verify(args, settings) -> int:
     return 1 if bad else 0
 
 
-def _prune(args, settings) -> int:
+def _prune(args) -> int:
     from conveyor.backup import prune
     from conveyor.datasets.retention import prune_versions
 
+    settings = _settings(args)
     url = args.url or settings.storage_url
     with open_repo(settings, url) as repo:
         v = prune_versions(repo, settings.datasets.keep_days)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from conveyor.errors import ConveyorError
 
@@ -36,15 +35,14 @@ def _publish(args) -> int:
     from conveyor.datasets.publish import publish
     from conveyor.settings import load_settings
     from conveyor.store import is_store
+    from conveyor.stores import resolve_store
 
     settings = load_settings(args.config)
-    folder = settings.store_path(args.store)
+    folder = resolve_store(args.store, settings.store_root)  # the one STORE rule (conveyor/stores.py)
     if not is_store(folder):
-        p = Path(args.store).expanduser()
-        if not is_store(p):
-            raise ConveyorError(args.store, f"no store named `{args.store}` under {settings.store_root} and not a "
-                                            "store folder; name a store this machine holds")
-        folder = p.resolve()
+        raise ConveyorError(args.store, "not a conveyor store (no .conveyor/ folder); name a store this machine "
+                                        "holds")
+    folder = folder.resolve()
     with _open(settings, args.to) as repo:
         r = publish(folder, repo, concurrency=settings.transfer.max_concurrency)
     if not r.published:

@@ -23,19 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def store_folder(spec: str, config: str | None) -> Path:
-    """A path to a store wins; otherwise a store name under the settings' store_root."""
+    """STORE by the one rule of conveyor/stores.py; scrub and repair need a store there."""
+    from conveyor.settings import load_settings
     from conveyor.store import is_store
+    from conveyor.stores import resolve_store
 
-    p = Path(spec).expanduser()
-    if is_store(p):
-        return p.resolve()
-    if "/" not in spec and spec not in (".", ".."):
-        from conveyor.settings import load_settings
-
-        named = load_settings(config).store_path(spec)
-        if is_store(named):
-            return named
-    raise ConveyorError(spec, "not a conveyor store, nor the name of one under store_root")
+    folder = resolve_store(spec, lambda: load_settings(config).store_root)
+    if not is_store(folder):
+        raise ConveyorError(spec, "not a conveyor store (no .conveyor/ folder)")
+    return folder.resolve()
 
 
 def print_problems(problems) -> None:

@@ -102,25 +102,16 @@ def print_validation(r: ValidationReport, verbose: bool) -> None:
 
 
 def resolve_store(args: argparse.Namespace, spec: str | Path, new: bool = False) -> Path:
-    """STORE as the user types it: a folder path, or a name under store_root (`conveyor validate demo`).
+    """STORE as the user types it, by the one rule of conveyor/stores.py (a `/` makes a path; else a store name
+    under store_root; `new`: ingest/convert create it there). The settings load only when a name needs them."""
+    from conveyor.stores import resolve_store as resolve
 
-    Anything with a `/` is a path. A bare name is a store under store_root, unless a store of that name
-    is in the working folder; a new store (`new`: ingest, convert) of a bare name goes under store_root.
-    A bare name that is no store but a folder here is returned as that folder, for the command to say
-    what it is (`conveyor validate rec` -> "a v2.1 recording").
-    """
-    from conveyor.store import is_store
+    def store_root() -> Path:
+        from conveyor.settings import load_settings
 
-    p = Path(spec).expanduser()
-    text = str(spec)
-    if "/" in text or text in (".", "..") or text.startswith("~") or is_store(p):
-        return p
-    from conveyor.settings import load_settings
+        return load_settings(getattr(args, "config", None)).store_root
 
-    named = load_settings(getattr(args, "config", None)).store_path(text)
-    if is_store(named) or new or not p.exists():
-        return named
-    return p
+    return resolve(spec, store_root, new=new)
 
 
 def _exit_code(r: IngestReport) -> int:

@@ -8,7 +8,6 @@ never the live store: appends and compaction can no longer pull files from under
 """
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,9 +25,9 @@ from conveyor.fileio import write_atomic
 from conveyor.version import DatasetVersion
 from conveyor.repo import MissingObject, Repo, open_configured_repo
 from conveyor.store import DOT, Store, is_store
+from conveyor.stores import find_store, name_problem
 
 PIN_FILE = "dataset.json"
-NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 class DatasetPin(BaseModel):
@@ -55,13 +54,9 @@ def pin_key(run: str) -> str:
 
 
 def local_store(store: str, settings) -> Path | None:
-    """The store's folder when this machine sees it (a name under store_root, or a path), else None."""
-    if NAME.match(store) and (settings.store_root / store).is_dir():
-        return (settings.store_root / store).resolve()
-    p = Path(store).expanduser()
-    if ("/" in store or store.startswith(".")) and p.is_dir():
-        return p.resolve()
-    return None
+    """The store's folder when this machine sees it (by the one STORE rule, conveyor/stores.py), else None."""
+    found = find_store(store, settings.store_root)
+    return found.resolve() if found is not None else None
 
 
 def versions_repo(settings) -> Repo | None:
@@ -148,7 +143,7 @@ def resolve_dataset(store: str, dataset_version: str | None, settings, *, run: s
                                       "no ledger); clear dataset_version or train on a store.")
         return ResolvedDataset(root=live, store=live.name, version=None)
     name = live.name if live is not None else store
-    if not NAME.match(name):
+    if name_problem(name):
         raise ConveyorError(store, f"no store named `{store}` under {settings.store_root} and no such dataset "
                                    "folder; name a store or a v3.0 dataset folder on this worker.")
     repo = versions_repo(settings)

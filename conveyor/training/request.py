@@ -32,12 +32,10 @@ def _known_stores(schema: dict) -> None:
     when the schema is made, i.e. when `conveyor up` (or `prefect deploy`) registers the deployment."""
     try:
         from conveyor.settings import load_settings
-        from conveyor.store import is_store
+        from conveyor.stores import known_stores
 
         settings = load_settings()
-        names = {s.name for s in settings.sources}
-        if settings.store_root.is_dir():
-            names |= {p.name for p in settings.store_root.iterdir() if is_store(p)}
+        names = {s.name for s in settings.sources} | set(known_stores(settings.store_root))
     except Exception:  # noqa: BLE001 - no settings here: the description alone
         return
     if names:
