@@ -12,6 +12,12 @@ Prints median / p95 / max and writes the `## watch latency` section of bench/REA
 
 Usage: .venv/bin/python bench/watch_latency.py [--episodes 20] [--interval 4] [--length 90]
        [--size 240x320] [--no-deep] [--settle S] [--no-readme]
+       .venv/bin/python bench/watch_latency.py --v30 [--sessions 8] [--episodes 3] [--length 30] [--size 96x128]
+
+`--v30`: the source is a folder of v3.0 sessions, each recorded by lerobot 0.6.1's own recorder
+(`conveyor.synthetic.v30_session` in a child process, one after the other); latency is from `finalize()`
+returning (the child prints `done`) to the last of the session's episodes in the store's ledger, and goes to
+the `## watch latency (v3.0 sessions)` section.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from readme_section import write_section  # bench/ is on sys.path when run as a 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SECTION = "## watch latency"
+SECTION_V30 = "## watch latency (v3.0 sessions)"
 
 from conveyor.prefect_server import prefect_env, start_prefect_server  # noqa: E402
 from conveyor.processes import free_port  # noqa: E402
@@ -127,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-deep", action="store_true", help="skip the deep (lerobot) check in the watcher's runs")
     p.add_argument("--settle", type=float, default=None, help="override watch.settle_seconds")
     p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--v30", action="store_true", help="a folder of lerobot 0.6.1 v3.0 sessions as the source")
+    p.add_argument("--sessions", type=int, default=8, help="--v30: sessions to record")
     a = p.parse_args(argv)
 
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SVT_LOG="1")
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     server = start_prefect_server(work / "prefect", port=free_port())
     os.environ.update(prefect_env(work / "prefect", server.api_url, base={}))
     try:
-        return run(a, work, server.api_url)
+        return run_v30(a, work) if a.v30 else run(a, work, server.api_url)
     finally:
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
@@ -242,6 +251,85 @@ def run(a, work: Path, api_url: str) -> int:
         print(ep, " ".join(f"{m[k] - m['finished']:6.2f}" if k in m else "     -" for k in keys[1:]))
     if not a.no_readme:
         write_section(SECTION, text)
+    return 0 if not missing else 1
+
+
+def run_v30(a, work: Path) -> int:
+    """Sessions finalized one after the other by lerobot's recorder; finalize -> the whole session committed."""
+    import subprocess
+
+    from conveyor.settings import WatchSettings
+    from conveyor.store import Store
+    from flows.watch import stop_watching, watch
+
+    defaults = WatchSettings()
+    cfg = work / "conveyor.toml"
+    cfg.write_text('store_root = "stores"\n[[sources]]\nname = "bench"\npath = "rec"\n', encoding="utf-8")
+    rec, store = work / "rec", work / "stores" / "bench"
+    rec.mkdir()
+    committed: dict[str, float] = {}  # session -> when its last episode was in the ledger
+    want: dict[str, int] = {}
+    stop_poll = threading.Event()
+
+    def poll() -> None:
+        while not stop_poll.is_set():
+            if (store / ".conveyor").is_dir():
+                now = time.time()
+                counts: dict[str, int] = {}
+                for r in Store.open(store).ledger():
+                    counts[r.source] = counts.get(r.source, 0) + 1
+                for src, n in counts.items():
+                    if n >= want.get(src, 1 << 30):
+                        committed.setdefault(src, now)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, kwargs={"config": str(cfg), "deep": not a.no_deep}, daemon=True)
+    watcher.start()
+    time.sleep(8.0)
+    threading.Thread(target=poll, daemon=True).start()
+    finished: dict[str, float] = {}
+    length = a.length if a.length != 90 else 30
+    size = a.size if a.size != "240x320" else "96x128"
+    for i in range(a.sessions):
+        session = rec / f"session-{i:03d}"
+        want[str(session.resolve())] = a.episodes
+        child = subprocess.Popen([sys.executable, "-m", "conveyor.synthetic.v30_session", str(session),
+                                  "--episodes", str(a.episodes), "--length", str(length), "--size", size,
+                                  "--cameras", "2", "--seed", str(i)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        for line in child.stdout:
+            if line.strip() == "done":
+                finished[str(session.resolve())] = time.time()
+        child.wait()
+        time.sleep(a.interval)
+    deadline = time.monotonic() + 120
+    while len(committed) < len(finished) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3.0 if a.no_deep else 15.0)
+    stop_watching()
+    watcher.join(120)
+    stop_poll.set()
+    lat = [committed[s] - t0 for s, t0 in finished.items() if s in committed]
+    missing = sorted(Path(s).name for s in set(finished) - set(committed))
+    text = "\n".join([
+        SECTION_V30, "",
+        "`python bench/watch_latency.py --v30` runs the `watch` flow in-process against its own Prefect server, "
+        "its source a folder of v3.0 sessions", f"recorded one after the other by lerobot 0.6.1's own recorder "
+        f"in a child process ({a.sessions} sessions x {a.episodes} episodes x {length} frames at 30 fps, two "
+        f"{size} SVT-AV1 cameras). Latency is from the recorder's `finalize()` returning to the session's last "
+        "episode in the store (ledger, polled every 20 ms): a running session's episodes cannot land earlier, "
+        "because lerobot keeps `meta/episodes` footer-less until `finalize()` (conveyor/source_v3.py).", "",
+        f"Settings: debounce {defaults.debounce_seconds:g} s (none for a change under meta/episodes), no settle "
+        f"(closed, finalized files are the evidence), deep validation {'off' if a.no_deep else 'on (off the latency path)'}. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, shared with 7 other sessions' work (busy); "
+        f"{datetime.date.today().isoformat()}.", "",
+        "| latency (s) | median | p95 | max | sessions |", "| --- | --- | --- | --- | --- |",
+        (f"| finalize() -> session committed | {statistics.median(lat):.2f} | {pctl(lat, 0.95):.2f} | "
+         f"{max(lat):.2f} | {len(lat)} |" if lat else "| finalize() -> session committed | - | - | - | 0 |"),
+        "", (f"Not landed within the run: {missing}." if missing else "Every session landed."), ""])
+    print(text)
+    if not a.no_readme:
+        write_section(SECTION_V30, text)
     return 0 if not missing else 1
 
 
