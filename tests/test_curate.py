@@ -234,7 +234,13 @@ def test_curate_then_compact_validates(store, source):
     assert sorted(p.relative_to(store).as_posix() for p in (store / "videos").rglob("*.mp4")) == videos
     r = compact(store)
     assert r.version.total_episodes == 2 and videos[1] in r.rewritten
-    assert sorted(p.relative_to(store).as_posix() for p in (store / "videos").rglob("*.mp4")) == videos[:1]
+    # the removed file stays readable for readers of the older version until vacuum (store.RETENTION_S)
+    assert set(Store.open(store).retained()) >= {videos[1]} and (store / videos[1]).is_file()
+    _ok(store, source)
+    s = Store.open(store)
+    with s.lock():
+        s.vacuum(0)
+    assert sorted(rel for rel in Store.open(store).manifest() if rel.startswith("videos/")) == videos[:1]
     _ok(store, source)
 
 
