@@ -330,12 +330,20 @@ def _rewrite(tx: Commit, c: _Ctx, edit: Edit) -> list[dict] | None:
         files = list(dict.fromkeys(layout.episode_data_path(r) for r in light))
         tail = files[files.index(layout.episode_data_path(light[min(changed)])):]
         in_tail = set(tail)
-        writer = DataWriter(tx, s.next_linear("data"), data_schema(features), info["data_files_size_in_mb"])
+        # one new file per old file with the episodes it keeps: the file boundaries stay (compaction later
+        # regroups a store exactly as a one-shot convert of the kept episodes would)
+        linear, schema = s.next_linear("data"), data_schema(features)
+        writer, current = None, None
         reader = _Rows(s.root)
         for new, old in enumerate(edit.keep):
             rel = layout.episode_data_path(light[old])
             if rel not in in_tail:
                 continue
+            if rel != current:
+                if writer is not None:
+                    writer.close()
+                    linear += 1
+                writer, current = DataWriter(tx, linear, schema, 1e12), rel  # never full
             t = reader.episode(rel, old)
             if new != old or edit.rows_change(old) or rows[new]["dataset_from_index"] != light[old]["dataset_from_index"]:
                 t = _renumber(t, rows[new], edit, old, fps)
@@ -343,7 +351,8 @@ def _rewrite(tx: Commit, c: _Ctx, edit: Edit) -> list[dict] | None:
                     *RENUMBERED, *(("task_index",) if edit.rows_change(old) else ())) if k in features}
                 updates.setdefault(new, {}).update(numeric_stats(t, refresh))
             rows[new].update(layout.file_columns("data", writer.write(t)))
-        writer.close()
+        if writer is not None:
+            writer.close()
         tx.delete(tail)
 
     # meta/episodes: every file from the first that holds a changed row is rewritten, in order
