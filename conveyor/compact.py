@@ -18,7 +18,7 @@ from conveyor import layout, quantiles, sizing, stats as st
 from conveyor.episodes import group_rows, load_episodes, write_episodes
 from conveyor.ingest import Progress
 from conveyor.reports import CompactReport
-from conveyor.store import Commit, Store
+from conveyor.store import RETENTION_S, Commit, Store
 from conveyor.video import concat, probe
 
 
@@ -37,12 +37,13 @@ def compact(store: str | Path, *, progress: Progress | None = None, lock_timeout
     t0 = time.monotonic()
     s = Store.open(store)
     with s.lock(timeout=lock_timeout):
+        vacuumed = s.vacuum(RETENTION_S)  # what earlier commits replaced, once past the retention period
         before = s.manifest()
         files_before = sum(1 for p in before if layout.kind_of(p))
         info = s.info
         rows = load_episodes(s.root) if info else []
         report = CompactReport(store=str(s.root), version=s.version, files_before=files_before,
-                               files_after=files_before)
+                               files_after=files_before, vacuumed=vacuumed[0])
         if not rows:
             return report
         features = info["features"]

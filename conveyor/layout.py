@@ -25,6 +25,8 @@ STAGING = f"{DOT}/staging"  # a commit's files before the renames, one folder pe
 SNAPSHOTS = f"{DOT}/snapshots"  # hard-linked committed views (backup, publish)
 LOCK = f"{DOT}/lock"  # the one-writer lock
 APPLY_LOCK = f"{DOT}/apply.lock"  # held while a commit renames files (shared by readers of the manifest)
+RETAINED = f"{DOT}/retained"  # parquet a commit replaced, kept (out of lerobot's globs) until vacuum, per commit
+VACUUMED = f"{DOT}/vacuumed"  # the last commit whose replaced files vacuum has removed
 BOOKKEEPING = (HEAD, LEDGER, MANIFEST)  # what a snapshot copies beside the commit records
 
 _FILE_RE = re.compile(r"chunk-(\d{3,})/file-(\d{3,})\.(parquet|mp4)$")

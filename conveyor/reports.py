@@ -81,6 +81,7 @@ class CompactReport:
     files_after: int
     rewritten: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    vacuumed: int = 0  # files earlier commits replaced, removed now that the retention period has passed
 
 
 @dataclass

@@ -176,7 +176,8 @@ def verify_files(s: Store, rels: list[str] | None = None, *, progress: Progress 
                 suspects.append(d)
             if progress:  # from the caller's thread only (Prefect artifacts and rich need it)
                 progress(done[0], total, "scrubbing")
-    extras = sorted(_on_disk(s.root) - set(manifest)) if rels is None else []
+    # a file a commit replaced is retained until vacuum (readers of the previous version may use it): not extra
+    extras = sorted(_on_disk(s.root) - set(manifest) - set(s.retained())) if rels is None else []
     if not suspects and not extras:
         return [], len(todo), total, version
     # confirm under the lock, against the manifest of the commit that is current now

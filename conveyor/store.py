@@ -35,7 +35,30 @@ from conveyor.ledger import LedgerRecord, LedgerState, append_ledger, read_ledge
 from conveyor.version import DatasetVersion
 
 DOT = layout.DOT
+RETENTION_S = 24 * 3600  # files a commit replaces stay readable this long (until `vacuum`), for open readers
 CRASH_ENV = "CONVEYOR_CRASH_AT"  # fault injection for the crash tests: SIGKILL self at a named point
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst` (same filesystem); a file already moved (a commit rolled forward twice) is fine."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(src, dst)
+    except FileNotFoundError:
+        pass
+
+
+def _drop_empty_parents(d: Path, root: Path) -> None:
+    while d != root and d.is_dir() and not any(d.iterdir()):
+        d.rmdir()
+        d = d.parent
+
+
+def _read_int(p: Path) -> int:
+    try:
+        return int(p.read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def crashpoint(name: str) -> None:
@@ -352,6 +375,13 @@ class Store:
         order = sorted(record["add"], key=lambda r: (r in layout.META_FILES, layout.META_FILES.index(r)
                                                      if r in layout.META_FILES else 0, r))
         with self._apply_lock(shared=False):
+            # replaced files are retained, not deleted (`vacuum` removes them after the retention period): a
+            # video stays at its path, so a reader that opened the previous version keeps decoding it; a
+            # parquet under data/ or meta/episodes/ must leave lerobot's globs, so it moves to RETAINED
+            # before the new files arrive (a glob between the two sees too few files, never two copies)
+            for rel in record["remove"]:
+                if not rel.startswith("videos/"):
+                    _move(self.root / rel, self.root / layout.RETAINED / f"{record['commit']:08d}" / rel)
             for rel in order:
                 src = staging / rel
                 if src.exists():
@@ -359,8 +389,6 @@ class Store:
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, dst)
                     crashpoint(f"renamed:{rel}")
-            for rel in record["remove"]:
-                (self.root / rel).unlink(missing_ok=True)
             if record["ledger"]:
                 append_ledger(self.root / layout.LEDGER, record["ledger"])
             crashpoint("ledger")
@@ -399,6 +427,61 @@ class Store:
             shutil.rmtree(snap_dir, ignore_errors=True)
 
     def next_linear(self, kind: str) -> int:
-        """Next unused file number (chunk*1000 + file) for 'data', 'meta' or 'videos/<key>'."""
+        """Next unused file number (chunk*1000 + file) for 'data', 'meta' or 'videos/<key>'. A video a commit
+        replaced stays at its path until vacuum, so its number is never reused (a reader may still open it)."""
         used = [layout.linear_index(p) for p in self.manifest() if layout.kind_of(p) == kind]
+        if kind.startswith("videos/") and (self.root / kind).is_dir():
+            used += [layout.linear_index(f"{kind}/{c.name}/{f.name}") for c in os.scandir(self.root / kind)
+                     if c.is_dir() for f in os.scandir(c.path)]
         return max((u for u in used if u is not None), default=-1) + 1
+
+    # -- retention -------------------------------------------------------------------------------------
+
+    def retained(self) -> dict[str, tuple[int, datetime, Path]]:
+        """Files replaced or removed by commits that vacuum has not yet cleared, still on disk: their path ->
+        (commit, removal time, where the bytes are). Not part of the committed state."""
+        out: dict[str, tuple[int, datetime, Path]] = {}
+        manifest = self.manifest()
+        for n, record in self._records_since_vacuum():
+            t = datetime.fromisoformat(record["time"])
+            for rel in record["remove"]:
+                where = self.root / (rel if rel.startswith("videos/") else
+                                     f"{layout.RETAINED}/{n:08d}/{rel}")
+                if rel not in manifest and where.is_file():
+                    out[rel] = (n, t, where)
+        return out
+
+    def _records_since_vacuum(self) -> Iterator[tuple[int, dict]]:
+        done = _read_int(self.root / layout.VACUUMED)
+        for p in sorted((self.root / layout.COMMITS).glob("*.json")):
+            n = int(p.stem)
+            if n > done and n <= self.version.commit:
+                record = json.loads(p.read_text(encoding="utf-8"))
+                if record.get("remove"):
+                    yield n, record
+
+    def vacuum(self, retention_s: float, now: datetime | None = None) -> tuple[int, int]:
+        """Delete what commits replaced or removed longer than `retention_s` ago (caller holds the lock);
+        returns (files, bytes) removed. Like a table format's vacuum: until then a reader that opened an older
+        version can finish."""
+        now = now or datetime.now(timezone.utc)
+        files = size = 0
+        done = _read_int(self.root / layout.VACUUMED)
+        manifest = self.manifest()
+        for n, record in self._records_since_vacuum():
+            if (now - datetime.fromisoformat(record["time"])).total_seconds() < retention_s:
+                break  # later commits are younger
+            for rel in record["remove"]:
+                where = self.root / (rel if rel.startswith("videos/") else f"{layout.RETAINED}/{n:08d}/{rel}")
+                if rel in manifest or not where.is_file():
+                    continue
+                size += where.stat().st_size
+                where.unlink()
+                files += 1
+                _drop_empty_parents(where.parent, self.root)
+            shutil.rmtree(self.root / layout.RETAINED / f"{n:08d}", ignore_errors=True)
+            done = n
+        else:
+            done = max(done, self.version.commit)
+        write_atomic(self.root / layout.VACUUMED, str(done).encode(), fsync=False)
+        return files, size

@@ -262,7 +262,7 @@ class _Checker:
                    for p in (self.root / d).rglob("*") if p.is_file()} if rows else set()
         # a committed video file no episode points into any more (its episodes dropped) waits for compaction
         idle = {rel for rel in self.store.manifest() if rel.startswith("videos/")}
-        orphans = on_disk - referenced - idle
+        orphans = on_disk - referenced - idle - set(self.store.retained())  # retained for older readers
         add("no orphan or missing data/video files", not orphans and referenced <= on_disk,
             f"orphans {sorted(orphans)[:3]}, missing {sorted(referenced - on_disk)[:3]}")
         stats_path = self.root / layout.STATS

@@ -49,7 +49,7 @@ class _TopFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
 
 
 # which module of conveyor.cli registers each command, in `conveyor --help` order (tests/test_lab.py checks it)
-COMMANDS = {"convert": "store", "ingest": "store", "validate": "store", "compact": "store", "salvage": "salvage",
+COMMANDS = {"convert": "store", "ingest": "store", "validate": "store", "compact": "store", "vacuum": "store", "salvage": "salvage",
             "drop": "curate", "undrop": "curate", "trim": "curate", "retask": "curate",
             "stores": "show", "show": "show", "review": "review", "scrub": "scrub", "repair": "scrub",
             "config": "service", "up": "service", "worker": "service", "train": "train", "evaluate": "train",

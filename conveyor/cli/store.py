@@ -11,6 +11,9 @@ from pathlib import Path
 
 from conveyor import sizing
 from conveyor.reports import IngestReport, ValidationReport
+from conveyor.store import RETENTION_S
+
+RETENTION_HOURS = RETENTION_S / 3600
 
 
 @contextmanager
@@ -186,6 +189,20 @@ def _compact(a: argparse.Namespace) -> int:
               f"({r.seconds:.2f} s)")
     else:
         print(f"{r.store}: nothing to compact ({r.files_before} files)")
+    if r.vacuumed:
+        print(f"{r.store}: vacuumed {r.vacuumed} file(s) replaced more than {RETENTION_HOURS:g} h ago")
+    return 0
+
+
+def _vacuum(a: argparse.Namespace) -> int:
+    from conveyor.store import Store
+
+    s = Store.open(resolve_store(a, a.store))
+    with s.lock(timeout=a.lock_timeout):
+        files, size = s.vacuum(a.retention_hours * 3600)
+        kept = s.retained()
+    print(f"{s.root}: removed {files} file(s) ({size / 1e6:.1f} MB) replaced more than {a.retention_hours:g} h "
+          f"ago; {len(kept)} younger one(s) retained for readers of older versions")
     return 0
 
 
@@ -233,3 +250,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(same rows and frames, a new version).")
     p.add_argument("store", metavar="STORE", help="store name (folder under store_root) or store folder")
     p.set_defaults(handler=_compact)
+
+    p = sub.add_parser("vacuum", help="delete files that commits replaced, once past the retention period",
+                       description="Compaction and curation replace files; the replaced ones stay readable (videos "
+                                   "at their paths, parquet under .conveyor/retained/) so a reader that opened an "
+                                   "older version can finish. This deletes those older than the retention period "
+                                   "(compact also does, before it compacts).")
+    p.add_argument("store", metavar="STORE", help="store name (folder under store_root) or store folder")
+    p.add_argument("--retention-hours", type=float, default=RETENTION_HOURS,
+                   help="keep replaced files this long after the commit that replaced them")
+    p.add_argument("--lock-timeout", type=float, default=60.0, help="seconds to wait for another writer")
+    p.set_defaults(handler=_vacuum)
