@@ -16,7 +16,8 @@ from conveyor.datasets.retention import prune_versions
 from conveyor.errors import ConveyorError
 from conveyor.settings import load_settings
 from tasks.artifacts import Progress, slug
-from tasks.repo import open_repo_for as open_repo
+from conveyor.repo import open_repo
+from tasks.repo import load_storage_settings
 from tasks.retry import retry_transient
 
 DELAYS = [5.0, 30.0, 120.0]
@@ -37,7 +38,7 @@ def backup_target(name: str, path: Path, url: str, config: str | None = None) ->
     """One snapshot of a store or recording. A retry starts over; objects already sent are not re-sent."""
     log = get_run_logger()
     settings = load_settings(config)
-    with open_repo(config, url) as repo:
+    with open_repo(url, load_storage_settings(config)) as repo:
         r = core_backup(path, repo, name=name, index_dir=settings.work_dir / "backup-index",
                         progress=_this_thread_only(Progress(key=f"backup-progress-{slug(name)}")),
                         concurrency=settings.transfer.max_concurrency)
@@ -50,7 +51,7 @@ def backup_target(name: str, path: Path, url: str, config: str | None = None) ->
 
 @task(name="verify-snapshot", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
 def verify_snapshot(url: str, snapshot: str, sample: int, config: str | None = None) -> VerifyReport:
-    with open_repo(config, url) as repo:
+    with open_repo(url, load_storage_settings(config)) as repo:
         r = core_verify(repo, snapshot, sample=sample)
     if not r.ok:
         raise ConveyorError(f"{url}@{snapshot}", "verification failed: " + "; ".join(r.failures[:5]))
@@ -63,7 +64,7 @@ def verify_snapshot(url: str, snapshot: str, sample: int, config: str | None = N
 def apply_retention(url: str, keep_daily: int, keep_weekly: int, config: str | None = None) -> PruneReport:
     """Published dataset versions past their retention first, then snapshots, then unreferenced objects."""
     log = get_run_logger()
-    with open_repo(config, url) as repo:
+    with open_repo(url, load_storage_settings(config)) as repo:
         v = prune_versions(repo, load_settings(config).datasets.keep_days)
         r = core_prune(repo, keep_daily, keep_weekly)
     if v.deleted:

@@ -8,7 +8,8 @@ from prefect import get_run_logger, task
 
 from conveyor.datasets.publish import PublishReport, publish
 from conveyor.datasets.resolve import release_pin
-from tasks.repo import load_storage_settings, repo_from_settings
+from conveyor.repo import open_repo
+from tasks.repo import load_storage_settings
 from tasks.retry import RETRY
 
 
@@ -21,7 +22,7 @@ def publish_task(store_name: str, store_path: Path, config: str | None = None) -
         log.warning("%s: no storage_url set, the new version is not published (other machines cannot train on it)",
                     store_name)
         return None
-    with repo_from_settings(settings) as repo:
+    with open_repo(None, settings) as repo:
         r = publish(Path(store_path), repo, name=store_name, concurrency=settings.transfer.max_concurrency)
     if r.published:
         log.info("published %s %s to %s: %d files (%d new, %.1f MB sent) in %.2f s", store_name, r.version.short,

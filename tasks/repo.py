@@ -1,5 +1,5 @@
 """Settings and repositories from the Prefect layer: a named prefect-aws credentials block resolved into plain
-S3 settings (the domain side, `conveyor.repo.open_configured_repo`, never imports prefect; this module imports
+S3 settings (the domain side, `conveyor.repo.open_repo(url, settings)`, never imports prefect; this module imports
 it only when a block is named).
 
 Every task hands the domain code settings from `storage_settings`, so each repository it opens uses the block:
@@ -9,7 +9,6 @@ from __future__ import annotations
 from pydantic import SecretStr
 
 from conveyor.errors import ConveyorError
-from conveyor.repo import Repo, open_configured_repo
 from conveyor.settings import S3Settings, Settings, load_settings
 
 
@@ -52,12 +51,3 @@ def storage_settings(settings: Settings) -> Settings:
 
 def load_storage_settings(config: str | None) -> Settings:
     return storage_settings(load_settings(config))
-
-
-def repo_from_settings(settings: Settings, url: str | None = None) -> Repo:
-    """The repository at `url` (default storage_url), with the credentials block applied when one is named."""
-    return open_configured_repo(storage_settings(settings), url)
-
-
-def open_repo_for(config: str | None, url: str | None = None) -> Repo:
-    return repo_from_settings(load_settings(config), url)

@@ -14,7 +14,8 @@ from conveyor.repair import RepairReport, has_snapshots, repair, still_damaged
 from conveyor.scrub import ScrubReport, format_episodes, scrub
 from conveyor.settings import load_settings
 from tasks.artifacts import Progress, slug
-from tasks.repo import open_repo_for as open_repo
+from conveyor.repo import open_repo
+from tasks.repo import load_storage_settings
 from tasks.retry import retry_transient
 from tasks.ingest import store_limit
 from tasks.retry import RETRY
@@ -36,7 +37,7 @@ def repair_store(store_name: str, store_path: Path, url: str, config: str | None
                  found: ScrubReport) -> RepairReport:
     """Heal damaged or missing files from the repository's snapshots, holding the store's writer slot."""
     log = get_run_logger()
-    with open_repo(config, url) as repo, concurrency(store_limit(store_name), occupy=1):
+    with open_repo(url, load_storage_settings(config)) as repo, concurrency(store_limit(store_name), occupy=1):
         r = repair(Path(store_path), repo, found=found)
     for h in r.healed:
         log.warning("%s: healed %s from %s@%s", store_name, h.path, url, h.snapshot)
@@ -51,7 +52,7 @@ def wants_repair(config: str | None, url: str) -> bool:
     if setting is not None:
         return setting
     try:
-        with open_repo(config, url) as repo:
+        with open_repo(url, load_storage_settings(config)) as repo:
             return has_snapshots(repo)
     except ConveyorError:
         return False  # unreachable storage: nothing to repair from; the damage is still reported

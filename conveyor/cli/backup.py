@@ -61,15 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _settings(args):
-    from conveyor.settings import load_settings
-    return load_settings(args.config)
+    """The settings with a named credentials block applied (the Prefect layer's storage_settings; prefect is
+    imported only when a block is named), for conveyor.repo.open_repo(url, settings)."""
+    from tasks.repo import load_storage_settings
 
-
-def open_repo(settings, url: str):
-    """Repo for `url` with the configured S3 endpoint/credentials (or the named Prefect block)."""
-    from tasks.repo import repo_from_settings  # prefect is imported only when a block is named
-
-    return repo_from_settings(settings, url)
+    return load_storage_settings(args.config)
 
 
 def resolve_target(settings, spec: str) -> tuple[Path, str]:
@@ -112,12 +108,13 @@ def _store_by_default(parser: argparse.ArgumentParser, actions: dict) -> None:
 
 
 def _backup(args) -> int:
-    settings = _settings(args)
     from conveyor.backup import backup
+    from conveyor.repo import open_repo
 
+    settings = _settings(args)
     folder, name = resolve_target(settings, args.target)
     url = args.to or settings.storage_url
-    with open_repo(settings, url) as repo, progress_bar("transferring", transfer=True) as cb:
+    with open_repo(url, settings) as repo, progress_bar("transferring", transfer=True) as cb:
         r = backup(folder, repo, name=args.name or name, index_dir=settings.work_dir / "backup-index",
                    progress=cb, concurrency=settings.transfer.max_concurrency)
     version = f" (dataset {r.version.short}, {r.version.total_episodes} episodes)" if r.version else ""
@@ -131,12 +128,13 @@ def _backup(args) -> int:
 
 def _verify(args) -> int:
     from conveyor.backup import snapshot_ids, split_ref, verify
+    from conveyor.repo import open_repo
 
     settings = _settings(args)
     url, ref = split_ref(args.url or settings.storage_url)
     sample = settings.backup.verify_sample if args.sample is None else args.sample
     bad = 0
-    with open_repo(settings, url) as repo:
+    with open_repo(url, settings) as repo:
         refs = [ref] if ref else sorted({i.split("/", 1)[0] for i in snapshot_ids(repo)})
         if not refs:
             raise ConveyorError(url, "no snapshots here")
@@ -154,10 +152,11 @@ def _verify(args) -> int:
 def _prune(args) -> int:
     from conveyor.backup import prune
     from conveyor.datasets.retention import prune_versions
+    from conveyor.repo import open_repo
 
     settings = _settings(args)
     url = args.url or settings.storage_url
-    with open_repo(settings, url) as repo:
+    with open_repo(url, settings) as repo:
         v = prune_versions(repo, settings.datasets.keep_days)
         r = prune(repo, args.keep_daily if args.keep_daily is not None else settings.backup.keep_daily,
                   args.keep_weekly if args.keep_weekly is not None else settings.backup.keep_weekly)
@@ -176,10 +175,11 @@ def _prune(args) -> int:
 
 def _snapshots(args) -> int:
     from conveyor.backup import list_snapshots
+    from conveyor.repo import open_repo
 
     settings = _settings(args)
     url = args.url or settings.storage_url
-    with open_repo(settings, url) as repo:
+    with open_repo(url, settings) as repo:
         snaps = list_snapshots(repo)
     if args.json:
         print("[" + ",".join(s.model_dump_json() for s in snaps) + "]")
@@ -202,10 +202,11 @@ def _snapshots(args) -> int:
 
 def _restore(args) -> int:
     from conveyor.backup import restore, split_ref
+    from conveyor.repo import open_repo
 
     settings = _settings(args)
     url, ref = split_ref(args.url)
-    with open_repo(settings, url) as repo, progress_bar("transferring", transfer=True) as cb:
+    with open_repo(url, settings) as repo, progress_bar("transferring", transfer=True) as cb:
         r = restore(repo, ref, args.dst, force=args.force, progress=cb,
                     concurrency=settings.transfer.max_concurrency)
     print(f"restored {url}@{r.snapshot} into {r.dst}: {r.files} files, {_mb(r.bytes)}, every sha256 checked; "

@@ -25,25 +25,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(handler=_datasets)
 
 
-def _open(settings, url: str | None):
-    from tasks.repo import repo_from_settings  # prefect is imported only when a credentials block is named
-
-    return repo_from_settings(settings, url)
-
-
 def _publish(args) -> int:
     from conveyor.datasets.publish import publish
-    from conveyor.settings import load_settings
+    from conveyor.repo import open_repo
     from conveyor.store import is_store
     from conveyor.stores import resolve_store
+    from tasks.repo import load_storage_settings  # prefect is imported only when a credentials block is named
 
-    settings = load_settings(args.config)
+    settings = load_storage_settings(args.config)
     folder = resolve_store(args.store, settings.store_root)  # the one STORE rule (conveyor/stores.py)
     if not is_store(folder):
         raise ConveyorError(args.store, "not a conveyor store (no .conveyor/ folder); name a store this machine "
                                         "holds")
     folder = folder.resolve()
-    with _open(settings, args.to) as repo:
+    with open_repo(args.to, settings) as repo:
         r = publish(folder, repo, concurrency=settings.transfer.max_concurrency)
     if not r.published:
         print(f"{r.store} {r.version.short} is already published to {r.url}; nothing to do")
@@ -58,11 +53,12 @@ def _datasets(args) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from conveyor.datasets.format import list_versions, read_version
-    from conveyor.settings import load_settings
+    from conveyor.repo import open_repo
+    from tasks.repo import load_storage_settings
 
-    settings = load_settings(args.config)
+    settings = load_storage_settings(args.config)
     url = args.url or settings.storage_url
-    with _open(settings, url) as repo:
+    with open_repo(url, settings) as repo:
         refs = list_versions(repo)
         with ThreadPoolExecutor(8) as pool:
             versions = list(pool.map(lambda r: read_version(repo, r.key), refs))

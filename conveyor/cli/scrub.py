@@ -51,13 +51,13 @@ def _scrub(a: argparse.Namespace) -> int:
 
 
 def _repair(a: argparse.Namespace) -> int:
-    from conveyor.cli.backup import open_repo
     from conveyor.repair import repair
+    from conveyor.repo import open_repo
     from conveyor.scrub import format_episodes, scrub
-    from conveyor.settings import load_settings
+    from tasks.repo import load_storage_settings
 
     folder = store_folder(a.store, a.config)
-    settings = load_settings(a.config)
+    settings = load_storage_settings(a.config)
     url = a.url or settings.storage_url
     with progress_bar("scrubbing", transfer=True) as cb:
         found = scrub(folder, progress=cb)
@@ -65,7 +65,7 @@ def _repair(a: argparse.Namespace) -> int:
     print(found.summary())
     if not found.damaged:
         return 0 if found.ok else 1
-    with open_repo(settings, url) as repo:
+    with open_repo(url, settings) as repo:
         r = repair(folder, repo, found=found, lock_timeout=a.lock_timeout)
     for h in r.healed:
         what = "whole store" if h.whole_store else f"episodes {format_episodes(h.episodes)}" + (

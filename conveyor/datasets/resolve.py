@@ -23,7 +23,7 @@ from conveyor.datasets.retention import unpin
 from conveyor.errors import ConveyorError
 from conveyor.fileio import write_atomic
 from conveyor.version import DatasetVersion
-from conveyor.repo import MissingObject, Repo, open_configured_repo
+from conveyor.repo import MissingObject, Repo, open_repo
 from conveyor.store import DOT, Store, is_store
 from conveyor.stores import find_store, name_problem
 
@@ -61,7 +61,7 @@ def local_store(store: str, settings) -> Path | None:
 
 def versions_repo(settings) -> Repo | None:
     """The repository dataset versions are published to (settings.storage_url), or None when unset."""
-    return open_configured_repo(settings) if settings.storage_url else None
+    return open_repo(None, settings) if settings.storage_url else None
 
 
 def read_pin(archive: Repo | None, run_dir: Path, run: str) -> DatasetPin | None:
@@ -148,7 +148,7 @@ def resolve_dataset(store: str, dataset_version: str | None, settings, *, run: s
                                    "folder; name a store or a v3.0 dataset folder on this worker.")
     repo = versions_repo(settings)
     archive = (repo if repo is not None and archive_url == repo.url else
-               open_configured_repo(settings, archive_url)) if archive_url else None
+               open_repo(archive_url, settings)) if archive_url else None
 
     pin = read_pin(archive, run_dir, run)
     if pin is None:
@@ -164,7 +164,7 @@ def resolve_dataset(store: str, dataset_version: str | None, settings, *, run: s
             pv = _local_version(live, name)
         else:
             if pin.url and (repo is None or not repo.exists(version_key(name, pin.version))):
-                repo = open_configured_repo(settings, pin.url)  # where the first attempt found it
+                repo = open_repo(pin.url, settings)  # where the first attempt found it
             if repo is None:
                 raise _no_storage(settings, name)
             pv = read_version(repo, version_key(name, pin.version))
@@ -183,8 +183,8 @@ def record_pin(ds: ResolvedDataset, settings, *, run_dir: Path, archive_url: str
     run is about to start, so a refused request leaves no pin behind."""
     if ds.pin is None or not ds.new_pin:
         return
-    repo = open_configured_repo(settings, ds.pin.url) if ds.pin.url else None
-    archive = open_configured_repo(settings, archive_url) if archive_url else None
+    repo = open_repo(ds.pin.url, settings) if ds.pin.url else None
+    archive = open_repo(archive_url, settings) if archive_url else None
     write_pin(ds.pin, archive, repo, run_dir)
     ds.new_pin = False
     log(f"run {ds.pin.run} pinned to {ds.store} {ds.version.short} ({ds.version.total_episodes} episodes)")
@@ -193,10 +193,10 @@ def record_pin(ds: ResolvedDataset, settings, *, run_dir: Path, archive_url: str
 def release_pin(settings, run: str, run_dir: Path, archive_url: str | None) -> DatasetPin | None:
     """A finished run no longer needs its version kept: drop its pin from the repository's retention roots
     (`runs/<run>/dataset.json` stays, as the run's record)."""
-    archive = open_configured_repo(settings, archive_url) if archive_url else None
+    archive = open_repo(archive_url, settings) if archive_url else None
     pin = read_pin(archive, run_dir, run)
     if pin is not None and pin.url:
-        repo = open_configured_repo(settings, pin.url)
+        repo = open_repo(pin.url, settings)
         unpin(repo, pin.store, run)
     return pin
 

@@ -17,8 +17,8 @@ The word "store" means the dataset store (`conveyor.store`); the object-storage 
 from conveyor.repo.base import ObjectInfo, Repo
 from conveyor.repo.errors import CorruptObject, MissingObject, TransientStorageError
 from conveyor.repo.file import FileRepo
-from conveyor.repo.open import open_configured_repo, open_repo
+from conveyor.repo.open import open_repo
 from conveyor.repo.s3 import S3Repo
 
 __all__ = ["CorruptObject", "FileRepo", "MissingObject", "ObjectInfo", "Repo", "S3Repo", "TransientStorageError",
-           "open_configured_repo", "open_repo"]
+           "open_repo"]
