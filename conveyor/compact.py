@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from conveyor import layout, quantiles, sizing, stats as st
@@ -19,7 +20,7 @@ from conveyor.episodes import group_rows, load_episodes, write_episodes
 from conveyor.ingest import Progress
 from conveyor.reports import CompactReport
 from conveyor.store import RETENTION_S, Commit, Store
-from conveyor.video import concat, probe
+from conveyor.video import StreamCopy, VideoProbe, probe
 
 
 def _merges(s: Store, rows: list[dict], rel_of: Callable[[dict], str], mb: float) -> list[list[str]]:
@@ -110,23 +111,40 @@ def _compact_data(commit: Commit, s: Store, rows: list[dict], data_mb: float) ->
 
 
 def _compact_videos(commit: Commit, s: Store, rows: list[dict], key: str, video_mb: float) -> bool:
-    # a file with spans no episode points into (curation: dropped or trimmed frames) is not merged here: the
-    # spans below count frames from each file's start; a file none points into any more is removed
     used: dict[str, int] = {}
     for r in rows:
         rel = layout.episode_video_path(r, key)
         used[rel] = used.get(rel, 0) + r["length"]
+    # a file none points into any more (curation dropped its episodes) is removed; a file with spans no episode
+    # points into is reclaimed: its episodes' packets are copied without the rest (stream copy) when each is a
+    # closed run (a dropped episode's neighbours), else (a trimmed episode: its kept frames may need packets
+    # outside them to decode) it stays as it is and is not merged
     idle = [rel for rel in s.manifest() if rel.startswith(f"videos/{key}/") and rel not in used]
-    gaps = {rel for rel, n in used.items() if probe(s.root / rel).frames != n}
-    merges = [run for g in _merges(s, rows, lambda r: layout.episode_video_path(r, key), video_mb)
-              for run in _runs(g, gaps) if len(run) > 1]
+    spans: dict[str, list[tuple[VideoProbe, list]]] = {}
+    stay: set[str] = set()
+    for rel, n in used.items():
+        if probe(s.root / rel).frames != n:
+            runs = _closed_runs(s.root / rel, [r for r in rows if layout.episode_video_path(r, key) == rel], key)
+            if runs is None:
+                stay.add(rel)
+            else:
+                spans[rel] = runs
+    files = list(dict.fromkeys(layout.episode_video_path(r, key) for r in rows))
+    size = (lambda f: sum(pk.size for _, pks in spans[f] for pk in pks) if f in spans
+            else sizing.file_bytes(s.root / f))
+    merges = [run for g in sizing.group(files, size, sizing.limit_bytes(video_mb)) for run in _runs(g, stay)
+              if len(run) > 1 or (run and run[0] in spans)]
     commit.delete(idle)
     linear = s.next_linear(f"videos/{key}")
     for group in merges:
         rel = layout.video_path(key, linear)
         in_group = set(group)
         members = [r for r in rows if layout.episode_video_path(r, key) in in_group]
-        concat([s.root / f for f in group], commit.path(rel))
+        copy = StreamCopy(commit.path(rel))
+        for f in group:
+            for sub, packets in spans.get(f, [(None, None)]):
+                copy.add(s.root / f, sub, packets)
+        copy.close()
         commit.staged(rel)
         # each episode's span comes from the new file's own packets, counted frame by frame
         pr = probe(commit.path(rel))
@@ -142,6 +160,30 @@ def _compact_videos(commit: Commit, s: Store, rows: list[dict], key: str, video_
         commit.delete(group)
         linear += 1
     return bool(merges) or bool(idle)
+
+
+def _closed_runs(path: Path, members: list[dict], key: str) -> list[tuple[VideoProbe, list]] | None:
+    """Per episode of `path`, its packets (file order) and their probe, when each episode's packets are one
+    run that starts at a keyframe and is followed by a keyframe or the file's end; else None."""
+    packets: list = []
+    pr = probe(path, packets=packets)
+    tb = pr.time_base
+    times = np.array([pk.pts for pk in packets], dtype=np.int64) * tb.numerator / tb.denominator
+    out = []
+    for r in members:
+        a, b = r[f"videos/{key}/from_timestamp"], r[f"videos/{key}/to_timestamp"]
+        idx = np.flatnonzero((times >= a - 1e-6) & (times < b - 1e-6))
+        if len(idx) != r["length"] or not len(idx) or idx[-1] - idx[0] + 1 != len(idx):
+            return None
+        i0, i1 = int(idx[0]), int(idx[-1]) + 1
+        if not packets[i0].is_keyframe or (i1 < len(packets) and not packets[i1].is_keyframe):
+            return None
+        run = packets[i0:i1]
+        pts = sorted(pk.pts for pk in run)
+        out.append((VideoProbe(len(run), tuple(pts), tb, pr.codec, pr.width, pr.height, pr.frame_ticks,
+                               frozenset(pk.pts for pk in run if pk.is_keyframe),
+                               min(pk.dts if pk.dts is not None else pk.pts for pk in run)), run))
+    return out
 
 
 def _runs(group: list[str], gaps: set[str]) -> list[list[str]]:
