@@ -399,3 +399,39 @@ def test_dropping_while_the_watcher_runs(tmp_path):
         t.join(10)
     assert [r.source_episode_index for r in Store.open(store).ledger()] == [0, 2, 3]
     _ok(store, rec)
+
+
+def test_drop_then_compact_gives_the_files_of_a_one_shot_convert_of_the_kept(tmp_path):
+    """Compaction reclaims dropped episodes' spans by stream copy: a store grown one episode at a time, curated
+    and compacted, has exactly the file grouping and content of a one-shot convert of the kept episodes."""
+    from conveyor.ingest import convert
+    from conveyor.synthetic.recording import RecordingWriter
+    from test_store import AV1_ONLY, assert_same_content, file_groups
+
+    src, store = tmp_path / "src", tmp_path / "store"
+    limits = dict(data_mb=5400 / 2**20, video_mb=3000 / 2**20)
+    lengths = [4, 1, 3, 5, 2, 4, 3, 2]
+    w = RecordingWriter(src, AV1_ONLY)
+    for ep, n in enumerate(lengths):
+        w.write_episode(ep, n, "抓取方块")
+        ingest(src, store, **limits)
+    compact(store)  # a few episodes per file: the drops leave spans inside merged files
+    curate.drop(store, [1, 5], "x")
+    curate.drop(store, [3], "y")  # source episodes 1, 5, 4
+    r = compact(store)
+    assert any(rel.startswith("videos/") for rel in r.rewritten)
+    kept = [0, 2, 3, 6, 7]
+    one = RecordingWriter(tmp_path / "kept", AV1_ONLY)
+    for ep in kept:
+        one.write_episode(ep, lengths[ep], "抓取方块")
+    convert(tmp_path / "kept", tmp_path / "oneshot", **limits)
+    assert file_groups(store) == file_groups(tmp_path / "oneshot")
+    assert_same_content(store, tmp_path / "oneshot")
+    _ok(store, src)
+    for rel in Store.open(store).manifest():  # the reclaimed files hold only what episodes point into
+        if rel.endswith(".mp4"):
+            from conveyor.video import probe
+            n = sum(x["length"] for x in load_episodes(store)
+                    if rel in {f"videos/{k}/chunk-000/file-{x[f'videos/{k}/file_index']:03d}.mp4"
+                               for k in ("observation.images.laptop", "observation.images.phone")})
+            assert probe(store / rel).frames == n, rel
