@@ -47,7 +47,9 @@ def grow(src: Path, store: Path, episodes: range) -> None:
 
 
 def dataset_files(store: Path) -> dict[str, str]:
-    return {rel: e.sha256 for rel, e in Store.open(store).manifest().items()}
+    """The committed files a published version holds: the manifest minus the store's own `.conveyor/` files
+    (the sorted values behind exact quantiles are committed too)."""
+    return {rel: e.sha256 for rel, e in Store.open(store).manifest().items() if not rel.startswith(DOT + "/")}
 
 
 def objects_in(repo) -> set[str]:
