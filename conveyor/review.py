@@ -325,25 +325,46 @@ def _code(escaped: str) -> str:
 
 
 def markdown_sheet(sheet: Sheet) -> str:
-    """The same sheet as a markdown table (Prefect artifacts render markdown with `data:image/` sources): one row
-    per episode, the thumbnails of each camera and the plot in their own columns."""
-    cams = list(dict.fromkeys(cam for c in sheet.cards for cam in c.thumbs))
+    """The same sheet as markdown (Prefect artifacts render `data:image/` sources): per episode a heading with its
+    store number, a contact sheet of its cameras (a row of frames per camera) and the plot, one under the other
+    (the UI shows each image as a block)."""
     lines = [f"# Review: {len(sheet.cards)} episode(s) of `{sheet.name}`", "",
              f"Store at version `{sheet.version}`, {sheet.episodes} episodes. Take a bad one out with "
              f"`conveyor drop {sheet.name} N --reason TEXT` (or the `curate` deployment).", ""]
     if sheet.note():
         lines += [f"> {sheet.note()}", ""]
-    lines += ["| episode | " + " | ".join(cams + ["state / action"]) + " |",
-              "| --- | " + " | ".join("---" for _ in cams + [0]) + " |"]
     for c in sheet.cards:
-        head = (f"**{c.episode_index}**<br>{c.length} frames, {c.seconds:.1f} s<br>came in {_came_in(c)}<br>"
-                f"{_md(_task_text(c))}")
-        if c.problems:
-            head += "<br>" + "<br>".join(f"**{_md(p)}**" for p in c.problems)
-        cells = [" ".join(f"![{p.alt}]({p.uri()})" for _, p in c.thumbs.get(cam, [])) or "-" for cam in cams]
-        cells.append(f"![{c.plot.alt}]({c.plot.uri()})" if c.plot else "-")
-        lines.append(f"| {head} | " + " | ".join(cells) + " |")
+        frames = ", ".join(str(i) for i, _ in next(iter(c.thumbs.values()), []))
+        lines += [f"### Episode {c.episode_index} · {c.length} frames, {c.seconds:.1f} s · came in {_came_in(c)}",
+                  "", f"Task: {_md(_task_text(c))} · {', '.join(c.thumbs) or 'no camera'} at frames {frames or '-'}",
+                  ""]
+        lines += [f"**{_md(p)}**" for p in c.problems] + ([""] if c.problems else [])
+        pics = [contact_sheet(c), c.plot]
+        lines += [f"![{p.alt}]({p.uri()})\n" for p in pics if p is not None]
     return "\n".join(lines) + "\n"
+
+
+def contact_sheet(card: Card, gap: int = 2) -> Picture | None:
+    """A card's thumbnails in one JPEG: a row of frames per camera."""
+    from PIL import Image
+
+    rows = [[Image.open(io.BytesIO(p.data)).convert("RGB") for _, p in thumbs] for thumbs in card.thumbs.values()]
+    rows = [r for r in rows if r]
+    if not rows:
+        return None
+    width = max(sum(im.width for im in r) + gap * (len(r) - 1) for r in rows)
+    height = sum(max(im.height for im in r) for r in rows) + gap * (len(rows) - 1)
+    out = Image.new("RGB", (width, height), "white")
+    y = 0
+    for r in rows:
+        x = 0
+        for im in r:
+            out.paste(im, (x, y))
+            x += im.width + gap
+        y += max(im.height for im in r) + gap
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=80)
+    return Picture("image/jpeg", buf.getvalue(), f"episode {card.episode_index}: {', '.join(card.thumbs)}")
 
 
 def _md(text: str) -> str:

@@ -2,7 +2,7 @@
 
 Bounded like every artifact here: at most `ARTIFACT_MAX_EPISODES` cards and `ARTIFACT_MAX_BYTES` of pictures
 (3 small thumbnails per camera), the rest named with the `conveyor review` command that shows them. The run
-page's artifact card shows only the description, so it carries the first new episode's first camera strip.
+page's artifact card shows only the description, so it carries the first new episode's frames.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from conveyor.review import ARTIFACT_MAX_BYTES, ARTIFACT_MAX_EPISODES, markdown_sheet, review, spans
+from conveyor.review import (ARTIFACT_MAX_BYTES, ARTIFACT_MAX_EPISODES, contact_sheet, markdown_sheet, review,
+                             spans)
 from tasks.artifacts import slug
 
 
@@ -22,10 +23,9 @@ def review_sheet(store_name: str, store_path: Path, episodes: list[int]) -> str:
                    max_episodes=ARTIFACT_MAX_EPISODES, max_bytes=ARTIFACT_MAX_BYTES)
     key = f"review-{slug(store_name)}"
     description = f"{store_name}: review {len(sheet.asked)} new episode(s), {spans(sheet.asked)}"
-    if sheet.cards and sheet.cards[0].thumbs:
-        first = sheet.cards[0]
-        cam, thumbs = next(iter(first.thumbs.items()))
-        description += "\n\n" + " ".join(f"![{p.alt}]({p.uri()})" for _, p in thumbs)
+    first = contact_sheet(sheet.cards[0]) if sheet.cards else None
+    if first is not None:  # the run page's card shows the description only: the first new episode's frames
+        description += f"\n\n![{first.alt}]({first.uri()})"
     create_markdown_artifact(markdown_sheet(sheet), key=key, description=description)
     get_run_logger().info("review sheet %s: %d of %d new episode(s) of %s", key, len(sheet.cards),
                           len(sheet.asked), store_name)

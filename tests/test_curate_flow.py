@@ -128,12 +128,13 @@ def test_ingest_run_carries_a_bounded_review_sheet_of_its_new_episodes(prefect_a
     [art] = run_artifacts(prefect_api, res["run_id"], "review-review-src")
     md = art["data"]
     assert len(md.encode()) < ARTIFACT_MAX_BYTES
-    rows = re.findall(r"^\| \*\*(\d+)\*\*<br>(\d+) frames", md, flags=re.M)
+    rows = re.findall(r"^### Episode (\d+) · (\d+) frames", md, flags=re.M)
     assert [(int(e), int(n)) for e, n in rows] == list(enumerate(LENGTHS))
     pics = pictures(md)
-    assert len(pics) == 5 * (3 + 1)  # 3 thumbnails of the one camera and the plot, per episode
-    assert [p.size for p in pics[:3]] == [(64, 48)] * 3
-    assert "review 5 new episode(s), 0-4" in art["description"] and len(pictures(art["description"])) == 3
+    assert len(pics) == 5 * 2  # per episode: 3 frames of the one camera in one picture, and the plot
+    assert pics[0].size == (3 * 64 + 2 * 2, 48) and pics[0].format == "JPEG" and pics[1].format == "PNG"
+    assert "review 5 new episode(s), 0-4" in art["description"]
+    assert [p.size for p in pictures(art["description"])] == [pics[0].size]
 
 
 def test_curate_run_waits_for_the_store_slot_commits_and_shows_what_changed(prefect_api, tmp_path):

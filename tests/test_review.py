@@ -106,7 +106,10 @@ def test_size_is_bounded_and_the_rest_named(store, tmp_path):
     # the artifact form: a markdown table, one row per episode, pictures inline, under its byte bound
     md = markdown_sheet(review(store, [2, 3], max_bytes=ARTIFACT_MAX_BYTES))
     assert len(md.encode()) < ARTIFACT_MAX_BYTES
-    assert len(re.findall(r"^\| \*\*\d+\*\*", md, flags=re.M)) == 2 and len(data_images(md)) == 2 * 8 + 2
+    assert re.findall(r"^### Episode (\d+) · (\d+) frames", md, flags=re.M) == [("2", "9"), ("3", "14")]
+    pics = data_images(md)  # per episode: one contact sheet (a row of 4 frames per camera) and the plot
+    assert [(m, img.size) for m, img in pics[:2]] == [("image/jpeg", (4 * 64 + 3 * 2, 2 * 48 + 2)),
+                                                      ("image/png", pics[1][1].size)] and len(pics) == 4
     assert "place the cube" in md and "放下方块" in md
 
 

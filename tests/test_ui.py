@@ -111,3 +111,94 @@ def test_run_pages_show_the_store_and_loss_pictures(prefect_api, tmp_path):
     # the Artifacts page answers "what is in my dataset now"
     dom = browse(f"{ui}/v2/artifacts", shots / "artifacts.png", tmp_path / "profile-artifacts")
     assert "store-koch-grasp" in dom and embedded_pngs(dom)
+
+
+# -- issue 18: the review sheet and the curate run ---------------------------------------------------------
+
+DECODED = """<script>addEventListener("load", () => {
+  const imgs = [...document.images];
+  document.body.dataset.images = imgs.length;
+  document.body.dataset.decoded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+});</script>"""
+
+
+def data_images(dom: str) -> list[tuple[str, bytes]]:
+    """The `data:image/png|jpeg` pictures of a page, checked to be what they say they are."""
+    out = []
+    for mime, src in re.findall(r'<img[^>]*\ssrc="data:image/(png|jpeg);base64,([^"]+)"', dom):
+        data = base64.b64decode(html.unescape(src), validate=True)
+        assert data.startswith(b"\x89PNG\r\n\x1a\n" if mime == "png" else b"\xff\xd8\xff"), mime
+        out.append((mime, data))
+    return out
+
+
+def test_review_sheet_opens_in_the_browser_with_every_picture_decoded(tmp_path):
+    """`conveyor review` on a real store; Chromium loads the file and decodes every embedded picture (a probe
+    added to a copy of the page counts the images the browser decoded)."""
+    from conveyor.cli import main
+    from conveyor.ingest import ingest
+
+    shots = Path(os.environ.get("CONVEYOR_SCREENSHOTS") or tmp_path / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    spec = RecordingSpec(fps=15, cameras=(CameraSpec("observation.images.top", 96, 128, codec="h264"),
+                                          CameraSpec("observation.images.wrist", 96, 128)))
+    w = RecordingWriter(tmp_path / "rec", spec)
+    for ep, n in enumerate((30, 40, 25, 45, 35)):
+        w.write_episode(ep, n, "pick the cube" if ep != 2 else "place the cube")
+    ingest(tmp_path / "rec", tmp_path / "koch_grasp")
+    sheet = tmp_path / "review.html"
+    assert main(["review", str(tmp_path / "koch_grasp"), "0-4", "-o", str(sheet)]) == 0
+    page = sheet.read_text(encoding="utf-8")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", DECODED + "</body>"), encoding="utf-8")
+    dom = browse(probe.as_uri(), shots / "review-sheet.png", tmp_path / "profile-review")
+    images = int(re.search(r'data-images="(\d+)"', dom).group(1))
+    assert images == 5 * (2 * 4 + 1)  # per episode: 4 frames of 2 cameras and the plot
+    assert re.search(r'data-decoded="(\d+)"', dom).group(1) == str(images), "a picture did not decode"
+    assert len(data_images(dom)) == images
+    assert [int(x) for x in re.findall(r"data-episode=\"?(\d+)", dom)] == [0, 1, 2, 3, 4]
+
+
+def test_curate_run_page_shows_what_changed_and_the_new_version(prefect_api, tmp_path):
+    import httpx
+
+    from flows.curate import curate
+    from flows.ingest import ingest
+
+    shots = Path(os.environ.get("CONVEYOR_SCREENSHOTS") or tmp_path / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    ui = prefect_api.removesuffix("/api")
+    cfg = tmp_path / "conveyor.toml"
+    cfg.write_text('store_root = "stores"\nwork_dir = "work"\n[[sources]]\nname = "koch_grasp"\npath = "rec"\n'
+                   'task = "pick the cube"\n', encoding="utf-8")
+    w = RecordingWriter(tmp_path / "rec", SPEC)
+    for ep, n in enumerate((12, 16, 20, 14, 18)):
+        w.write_episode(ep, n)
+    landed = ingest(source="koch_grasp", config=str(cfg), deep=False)
+
+    def artifact(key: str, run_id: str) -> dict:
+        [a] = httpx.post(f"{prefect_api}/artifacts/filter", json={"artifacts": {
+            "key": {"any_": [key]}, "flow_run_id": {"any_": [run_id]}}}).json()
+        return a
+
+    # the ingest run's review sheet: one row per new episode, thumbnails and plots as embedded images
+    review = artifact("review-koch-grasp", landed["run_id"])
+    dom = browse(f"{ui}/v2/artifacts/artifact/{review['id']}", shots / "ingest-review.png",
+                 tmp_path / "profile-review-artifact")
+    pics = data_images(dom)
+    assert [m for m, _ in pics].count("jpeg") >= 5 and [m for m, _ in pics].count("png") >= 5
+    assert "conveyor drop koch_grasp N --reason TEXT" in dom
+
+    done = curate(request={"store": "koch_grasp", "action": "drop", "episodes": "1 3", "reason": "bumped the arm",
+                           "task": None, "old_task": None, "start": None, "end": None}, config=str(cfg))
+    c = done["version"]["commit"]
+    dom = browse(f"{ui}/v2/runs/flow-run/{done['run_id']}?tab=Artifacts", shots / "curate-run.png",
+                 tmp_path / "profile-curate")
+    assert f"koch_grasp drop 2 ep -&gt; c{c}" in dom or f"koch_grasp drop 2 ep -> c{c}" in dom
+    assert "curate-koch-grasp" in dom and "5 -&gt; 3 episodes" in dom.replace("-> ", "-&gt; ")
+    changed = artifact("curate-koch-grasp", done["run_id"])
+    dom = browse(f"{ui}/v2/artifacts/artifact/{changed['id']}", shots / "curate-artifact.png",
+                 tmp_path / "profile-curate-artifact")
+    text = re.sub(r"<[^>]+>", " ", dom)
+    assert re.search(r"episodes\s+5\s+3", text) and re.search(r"frames\s+80\s+50", text), text[:3000]
+    assert f"c{c}-" in text and "bumped the arm" in text and f"Dataset version" in text
