@@ -246,7 +246,11 @@ def test_curate_then_compact_validates(store, source):
 
 @pytest.mark.lerobot
 def test_lerobot_06_reads_a_curated_version_exactly(store, source, tmp_path):
+    from conveyor.validate import validate_deep
+
     _lerobot_reads_curated(sys.executable, store, source, tmp_path)
+    r = validate_deep(store, against=source)  # the deep check (lerobot in a child) passes on the curated store
+    assert r.ok, [(c.name, c.detail) for c in r.failures]
 
 
 @pytest.mark.lerobot
@@ -435,3 +439,36 @@ def test_drop_then_compact_gives_the_files_of_a_one_shot_convert_of_the_kept(tmp
                     if rel in {f"videos/{k}/chunk-000/file-{x[f'videos/{k}/file_index']:03d}.mp4"
                                for k in ("observation.images.laptop", "observation.images.phone")})
             assert probe(store / rel).frames == n, rel
+
+
+TINY_ACT = {"policy.pretrained_backbone_weights": None, "policy.dim_model": 32, "policy.dim_feedforward": 64,
+            "policy.n_heads": 2, "policy.n_encoder_layers": 1, "policy.n_decoder_layers": 1,
+            "policy.n_vae_encoder_layers": 1, "policy.chunk_size": 5, "policy.n_action_steps": 5}
+
+
+@pytest.mark.lerobot
+@pytest.mark.slow
+def test_a_short_training_run_on_a_curated_version_pins_it(prefect_server, tmp_path):
+    """The train flow on a curated store: it starts, trains on the curated version's episodes, and its run
+    record pins that version."""
+    from conveyor.ingest import convert
+    from conveyor.training.request import TrainRequest
+    from conveyor.version import DatasetVersion
+    from flows.train import train
+
+    rec = write_recording(tmp_path / "rec", episodes=4, lengths=16, tasks="pick", spec=SPEC)
+    store = tmp_path / "stores" / "grasp"
+    convert(rec, store)
+    curate.drop(store, [1], "bad take")
+    curate.trim(store, 0, 2, 14)
+    version = Store.open(store).version
+    config = tmp_path / "conveyor.toml"
+    config.write_text(f'store_root = "{tmp_path / "stores"}"\nwork_dir = "{tmp_path / "work"}"\n')
+    request = TrainRequest(store="grasp", policy_type="act", device="cpu", batch_size=2, num_workers=0, log_freq=1,
+                           steps=2, save_freq=2, archive=False, run_name="act-curated", options=dict(TINY_ACT))
+    result = train.with_options(retries=0)(request=request, config=str(config))
+    assert result["final_step"] == 2
+    pins = list(Path(result["output_dir"]).rglob("dataset.json"))
+    assert pins, "the run records its pinned dataset version"
+    pin = json.loads(pins[0].read_text())
+    assert DatasetVersion.from_dict(pin["version"]) == version and version.total_episodes == 3
