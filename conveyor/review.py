@@ -50,6 +50,7 @@ class Card:
     committed: datetime | None = None
     source: str | None = None
     source_episode_index: int | None = None
+    source_start: int = 0  # first source frame kept (a trimmed episode starts later)
     thumbs: dict[str, list[tuple[int, Picture]]] = field(default_factory=dict)  # camera -> (frame, picture)
     plot: Picture | None = None
     problems: list[str] = field(default_factory=list)  # a camera that would not decode: shown, not fatal
@@ -145,6 +146,7 @@ def review(store: str | Path, episodes: list[int], name: str | None = None, *, f
             rec = ledger.get(ep)
             if rec is not None:
                 card.commit, card.source, card.source_episode_index = rec.commit, rec.source, rec.source_episode_index
+                card.source_start = getattr(rec, "start", 0) or 0
                 card.committed = when.get(rec.commit)
             if sheet.cards and used + card.picture_bytes > max_bytes:
                 break
@@ -298,6 +300,8 @@ def html_sheet(sheet: Sheet) -> str:
     for c in sheet.cards:
         src = (f" &middot; source episode {c.source_episode_index} of <code>{e(Path(c.source).name)}</code>"
                if c.source else "")
+        if c.source_start:
+            src += f" (trimmed: source frames {c.source_start}-{c.source_start + c.length - 1})"
         parts.append(f"<section class=card id=ep-{c.episode_index} data-episode={c.episode_index}>"
                      f"<div class=head><span class=ep title=\"store episode\">{c.episode_index}</span>"
                      f"<span class=meta>{c.length} frames, "
@@ -336,8 +340,9 @@ def markdown_sheet(sheet: Sheet) -> str:
     for c in sheet.cards:
         frames = ", ".join(str(i) for i, _ in next(iter(c.thumbs.values()), []))
         lines += [f"### Episode {c.episode_index} · {c.length} frames, {c.seconds:.1f} s · came in {_came_in(c)}",
-                  "", f"Task: {_md(_task_text(c))} · {', '.join(c.thumbs) or 'no camera'} at frames {frames or '-'}",
-                  ""]
+                  "", f"Task: {_md(_task_text(c))} · {', '.join(c.thumbs) or 'no camera'} at frames {frames or '-'}"
+                  + (f" · trimmed: source frames {c.source_start}-{c.source_start + c.length - 1}"
+                     if c.source_start else ""), ""]
         lines += [f"**{_md(p)}**" for p in c.problems] + ([""] if c.problems else [])
         pics = [contact_sheet(c), c.plot]
         lines += [f"![{p.alt}]({p.uri()})\n" for p in pics if p is not None]

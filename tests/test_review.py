@@ -16,7 +16,7 @@ from PIL import Image
 
 from conveyor.cli import main
 from conveyor.ingest import ingest
-from conveyor.review import ARTIFACT_MAX_BYTES, markdown_sheet, review
+from conveyor.review import ARTIFACT_MAX_BYTES, html_sheet, markdown_sheet, review
 from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter, frame_pixels
 
 TOP = CameraSpec("observation.images.top", 48, 64, codec="h264")
@@ -120,3 +120,32 @@ def test_bad_episode_is_one_line_exit_1_and_nothing_written(store, tmp_path, cap
     assert err.count("\n") == 0 and str(store) in err and "episode 9 is not in the store (it has episodes 0-3)" in err
     assert not out.exists()
     assert main(["review", str(store), "1-x"]) == 2  # a malformed list is a usage error
+
+
+def test_a_curated_store_reviews_its_current_episodes(store, tmp_path):
+    """After a drop and a trim, cards follow the store's current numbering: the ledger's source episode, the
+    trimmed span (its first thumbnail is the first kept source frame), and the dropped episode is gone."""
+    import shutil
+
+    from conveyor import curate
+
+    curated = tmp_path / "koch"
+    shutil.copytree(store, curated)
+    curate.drop(curated, [1], "bumped")
+    curate.trim(curated, 1, 2, 7)  # store episode 1 is now source episode 2: keep its frames 2..6
+    sheet = review(curated, [0, 1, 2])
+    assert [(c.episode_index, c.source_episode_index, c.length) for c in sheet.cards] == [(0, 0, 12), (1, 2, 5),
+                                                                                        (2, 3, 14)]
+    trimmed = sheet.cards[1]
+    assert trimmed.source_start == 2 and [i for i, _ in trimmed.thumbs["top"]] == [0, 1, 3, 4]
+    for cam, spec in (("top", TOP), ("wrist", WRIST)):
+        got = np.asarray(Image.open(io.BytesIO(trimmed.thumbs[cam][0][1].data)).convert("RGB"), dtype=np.int16)
+        kept = frame_pixels(SPEC, spec, 2, 2).astype(np.int16)
+        cut = frame_pixels(SPEC, spec, 2, 0).astype(np.int16)
+        near, far = np.abs(got - kept).mean(), np.abs(got - cut).mean()
+        assert near < 12 and far > 2 * near, (cam, near, far)
+    page = html_sheet(sheet)
+    assert "trimmed: source frames 2-6" in page and len(cards(page)) == 3
+    assert "trimmed: source frames 2-6" in markdown_sheet(sheet)
+    with pytest.raises(Exception, match="episode 3 is not in the store"):
+        review(curated, [3])
