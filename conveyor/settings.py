@@ -27,10 +27,11 @@ class _Table(BaseModel):
 
 
 class SourceSettings(_Table):
-    """A v2.1 recording folder the recorder writes into; its store is `<store_root>/<name>`."""
+    """A recording folder the recorder writes into; its store is `<store_root>/<name>`."""
 
     name: str = Field(description="store name (folder under store_root; conveyor/stores.py's name rule)")
-    path: Path = Field(description="v2.1 dataset folder the recorder writes into")
+    path: Path = Field(description="v2.1 dataset folder the recorder writes into, a v3.0 dataset (a lerobot 0.6 "
+                                   "session), or a folder whose subfolders are v3.0 session datasets")
     task: str | None = Field(None, description="task text for episodes recorded without one")
 
     @field_validator("name")

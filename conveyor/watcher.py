@@ -270,8 +270,8 @@ class EpisodeWatcher:
 def _is_v30(path: Path) -> bool:
     """A v3.0 dataset, or a folder of datasets (sessions): read with `V30Source`."""
     paths = session_paths(path)
-    if not paths:
-        return False
+    if not paths:  # an existing folder without meta/ yet: a folder for sessions (or a v2.1 recorder not started)
+        return Path(path).is_dir() and not (Path(path) / "meta").exists()
     if paths != [Path(path).resolve()]:
         return True
     try:
