@@ -64,6 +64,9 @@ def reader(store: Path, out: Path, until: float, mode: str) -> None:
         except Exception as e:  # noqa: BLE001 - counted, the loop goes on
             fail(e)
             if os.environ.get("READERS_TRACE"):
+                listing = sorted(str(p.relative_to(store)) for d in ("data", "meta/episodes")
+                                 for p in (store / d).glob("*/*.parquet"))
+                print(f"{time.time():.3f} {mode} {type(e).__name__} {listing}", file=sys.stderr)
                 traceback.print_exc()
     out.write_text(json.dumps({"mode": mode, "opens": opens, "reads": reads, "failures": failures}))
 
@@ -87,12 +90,18 @@ def run(seconds: float, every: int, episodes_first: int, total: int) -> dict:
     time.sleep(25)
     ingests = compactions = 0
     while time.time() < until - 2:
+        t = time.time()
         if not ingest(rec, store, max_episodes=1).added:
             break
         ingests += 1
+        if os.environ.get("READERS_TRACE"):
+            print(f"{t:.3f}-{time.time():.3f} ingest", file=sys.stderr)
         if ingests % every == 0:
+            t = time.time()
             compact(store)
             compactions += 1
+            if os.environ.get("READERS_TRACE"):
+                print(f"{t:.3f}-{time.time():.3f} compact", file=sys.stderr)
     for p in procs.values():
         p.wait(timeout=600)
     results = {m: json.loads((tmp / f"{m}.json").read_text()) for m in procs}

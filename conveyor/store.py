@@ -48,6 +48,22 @@ def _move(src: Path, dst: Path) -> None:
         pass
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the filesystem cannot."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _drop_empty_parents(d: Path, root: Path) -> None:
     while d != root and d.is_dir() and not any(d.iterdir()):
         d.rmdir()
@@ -370,25 +386,47 @@ class Store:
         return version
 
     def _apply(self, record: dict) -> None:
-        """Idempotent roll-forward of a recorded commit: renames, removals, ledger, HEAD."""
+        """Idempotent roll-forward of a recorded commit: renames, removals, ledger, HEAD.
+
+        Order, for lerobot readers of the live store: videos (and anything else) first, then data, then
+        meta/episodes (whose rows point into the files before them), then the small metadata with info.json
+        last. Replaced files are retained, not deleted (`vacuum` removes them after RETENTION_S): a video
+        stays at its path, so a reader that opened the previous version keeps decoding it; a chunk folder of
+        data/ or meta/episodes/ that loses parquet is swapped whole (RENAME_EXCHANGE, one syscall), so
+        lerobot's glob of it sees the old set or the new set, never a mix, and the replaced parquet move to
+        RETAINED."""
         staging = self.root / layout.STAGING / record["id"]
-        order = sorted(record["add"], key=lambda r: (r in layout.META_FILES, layout.META_FILES.index(r)
-                                                     if r in layout.META_FILES else 0, r))
+        retained = self.root / layout.RETAINED / f"{record['commit']:08d}"
+
+        def group(rel: str) -> tuple:
+            if rel in layout.META_FILES:
+                return 3, layout.META_FILES.index(rel), rel
+            return (1 if rel.startswith("data/") else 2 if rel.startswith("meta/episodes/") else 0), 0, rel
+
+        order = sorted(record["add"], key=group)
+        swapped = {str(Path(rel).parent) for rel in record["remove"]
+                   if rel.startswith(("data/", "meta/episodes/"))}
         with self._apply_lock(shared=False):
-            # replaced files are retained, not deleted (`vacuum` removes them after the retention period): a
-            # video stays at its path, so a reader that opened the previous version keeps decoding it; a
-            # parquet under data/ or meta/episodes/ must leave lerobot's globs, so it moves to RETAINED
-            # before the new files arrive (a glob between the two sees too few files, never two copies)
-            for rel in record["remove"]:
-                if not rel.startswith("videos/"):
-                    _move(self.root / rel, self.root / layout.RETAINED / f"{record['commit']:08d}" / rel)
             for rel in order:
+                folder = str(Path(rel).parent)
+                if group(rel)[0] == 3:  # before the small metadata: folders that only lose files
+                    for f in sorted(swapped):
+                        self._swap_folder(f, record, staging, retained)
+                    swapped.clear()
+                if folder in swapped:
+                    self._swap_folder(folder, record, staging, retained)
+                    swapped.discard(folder)
                 src = staging / rel
                 if src.exists():
                     dst = self.root / rel
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, dst)
                     crashpoint(f"renamed:{rel}")
+            for folder in sorted(swapped):
+                self._swap_folder(folder, record, staging, retained)
+            for rel in record["remove"]:  # anything else a commit replaces (e.g. conveyor's own files)
+                if not rel.startswith(("videos/", "data/", "meta/episodes/")):
+                    _move(self.root / rel, retained / rel)
             if record["ledger"]:
                 append_ledger(self.root / layout.LEDGER, record["ledger"])
             crashpoint("ledger")
@@ -400,6 +438,43 @@ class Store:
             while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()
                 parent = parent.parent
+
+    def _swap_folder(self, folder: str, record: dict, staging: Path, retained: Path) -> None:
+        """Give `folder` its new set of files in one step: a copy is built in staging (hard links of the files
+        that stay, the commit's new files moved in), exchanged with the live folder, and the replaced files of
+        the old one moved to `retained`. Done once the live folder holds every new file and no removed one."""
+        live = self.root / folder
+        gone = {Path(r).name for r in record["remove"] if str(Path(r).parent) == folder}
+        new = {Path(r).name for r in record["add"] if str(Path(r).parent) == folder}
+        have = set(os.listdir(live)) if live.is_dir() else set()
+        if new <= have and not gone & have:
+            return
+        build = staging / ".swap" / folder
+        build.mkdir(parents=True, exist_ok=True)
+        for name in have - gone:
+            if not (build / name).exists():
+                os.link(live / name, build / name)
+        for name in new:
+            if (staging / folder / name).exists():
+                os.replace(staging / folder / name, build / name)
+        fsync_dir(build)
+        if not live.is_dir():
+            live.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(build, live)
+        elif not _exchange(build, live):  # a filesystem without RENAME_EXCHANGE: move out, then in
+            for name in gone & have:
+                _move(live / name, retained / folder / name)
+            for name in new:
+                os.replace(build / name, live / name)
+            shutil.rmtree(build, ignore_errors=True)
+            fsync_dir(live)
+            return
+        fsync_dir(live.parent)
+        crashpoint(f"swapped:{folder}")
+        for name in gone:  # `build` now holds the previous folder
+            if (build / name).exists():
+                _move(build / name, retained / folder / name)
+        shutil.rmtree(build, ignore_errors=True)
 
     # -- reading ---------------------------------------------------------------------------------------
 

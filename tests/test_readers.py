@@ -17,7 +17,6 @@ from conveyor.store import Store
 from conveyor.synthetic.recording import RecordingSpec, RecordingWriter
 from conveyor.validate import validate_fast
 
-pytestmark = pytest.mark.lerobot
 ROOT = Path(__file__).resolve().parents[1]
 
 READER = """
@@ -35,6 +34,7 @@ print(n, flush=True)
 """
 
 
+@pytest.mark.lerobot
 def test_a_reader_of_the_previous_version_reads_every_item_after_compaction(tmp_path):
     rec, store = tmp_path / "rec", tmp_path / "store"
     w = RecordingWriter(rec, RecordingSpec())
@@ -63,3 +63,25 @@ def test_a_reader_of_the_previous_version_reads_every_item_after_compaction(tmp_
     assert scrub(store).ok and validate_fast(store, against=rec).ok
     w.write_episode(5, 6)
     assert ingest(rec, store).new_episodes == 1 and validate_fast(store, against=rec).ok
+
+
+@pytest.mark.parametrize("point", ["swapped:data/chunk-000", "swapped:meta/episodes/chunk-000", "head"])
+def test_compaction_killed_mid_swap_rolls_forward(tmp_path, point):
+    """The folder swap is part of the recorded commit's roll-forward: a kill -9 right after a folder was
+    exchanged leaves a store that opens as the compacted version, validates and scrubs clean."""
+    import signal
+
+    from conveyor.store import CRASH_ENV
+
+    rec, store = tmp_path / "rec", tmp_path / "store"
+    w = RecordingWriter(rec, RecordingSpec())
+    for ep in range(4):
+        w.write_episode(ep, 5)
+        ingest(rec, store)
+    p = subprocess.run([sys.executable, "-m", "conveyor.cli", "compact", str(store)], capture_output=True,
+                       text=True, env=dict(os.environ, **{CRASH_ENV: point}), cwd=ROOT, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    s = Store.open(store)  # rolls the recorded commit forward
+    assert s.version.commit == 5 and s.version.total_episodes == 4
+    assert sorted(x.name for x in (store / "data/chunk-000").iterdir()) == ["file-004.parquet"]
+    assert scrub(store).ok and validate_fast(store, against=rec).ok
