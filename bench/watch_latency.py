@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 SECTION = "## watch latency"
 SECTION_V30 = "## watch latency (v3.0 sessions)"
 
-from conveyor.prefect_server import prefect_env, start_prefect_server  # noqa: E402
+from conveyor.service.prefect_server import prefect_env, start_prefect_server  # noqa: E402
 from conveyor.processes import free_port  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def _ts(iso: str | None) -> float | None:
 
 
 def _all(api_url: str, path: str, body: dict) -> list[dict]:
-    from conveyor.supervisor import api
+    from conveyor.service.supervisor import api
 
     out, offset = [], 0
     while True:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.prefect_server import prefect_env, start_prefect_server
+from conveyor.service.prefect_server import prefect_env, start_prefect_server
 from conveyor.processes import free_port
 
 # Test tiers (pyproject.toml's markers): `prefect` is applied here to every test that uses a Prefect server

@@ -1,5 +1,6 @@
-"""The layer order, checked: domain (`conveyor/` minus `conveyor/cli/`) -> Prefect layer (`tasks/`, `flows/`) ->
-CLI (`conveyor/cli/`), with no import loop and no arrow back up; no domain module pulls in `prefect`."""
+"""The layer order, checked: domain (`conveyor/` minus `conveyor/cli/` and `conveyor/service/`) -> Prefect layer
+(`tasks/`, `flows/`, `conveyor/service/`) -> CLI (`conveyor/cli/`), with no import loop and no arrow back up; no
+domain module pulls in `prefect`."""
 from __future__ import annotations
 
 import ast
@@ -38,8 +39,8 @@ def modules() -> dict[str, Path]:
 def layer(mod: str) -> int:
     if mod == "conveyor.cli" or mod.startswith("conveyor.cli."):
         return CLI
-    if mod.split(".")[0] in ("flows", "tasks"):
-        return PREFECT_LAYER
+    if mod.split(".")[0] in ("flows", "tasks") or mod == "conveyor.service" or mod.startswith("conveyor.service."):
+        return PREFECT_LAYER  # conveyor/service/: the service beside Prefect (supervisor, server, worker)
     return DOMAIN
 
 
@@ -155,5 +156,6 @@ def test_checks_can_fail(tmp_path):
              "conveyor.cli": set()}
     assert cycles(graph) == [["conveyor.a", "conveyor.b"]]
     assert layer("flows.f") < layer("conveyor.cli") and layer("conveyor.a") < layer("tasks.t")
+    assert layer("conveyor.service.supervisor") == layer("tasks.t") > layer("conveyor.servicex")
     (tmp_path / "culprit.py").write_text("import csv\n")  # stands in for prefect: same check, no 5 s import
     assert _imports_prefect(["json", "culprit"], watched="csv", path=tmp_path) == {"json": False, "culprit": True}

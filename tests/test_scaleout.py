@@ -21,7 +21,7 @@ from conveyor.compact import compact
 from conveyor.processes import marked_pids
 from conveyor.store import Store
 from conveyor.training import checkpoints as ck
-from conveyor.supervisor import api
+from conveyor.service.supervisor import api
 from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
 
 SPEC = RecordingSpec(fps=10, cameras=(CameraSpec("observation.images.cam", height=32, width=32, codec="h264"),))

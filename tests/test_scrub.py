@@ -245,7 +245,7 @@ def _nightly_config(tmp_path: Path, url: str, extra: str = "") -> Path:
 @pytest.mark.slow
 def test_nightly_scrubs_repairs_and_fails_loudly_on_lost_files(prefect_server, tmp_path):
     from conveyor.repo import open_repo
-    from conveyor.supervisor import api
+    from conveyor.service.supervisor import api
     import prefect.context
     from flows.nightly import nightly
 

@@ -19,7 +19,7 @@ import pytest
 from conveyor.processes import free_port, marked_pids, port_in_use
 from conveyor.settings import Settings
 from conveyor.store import Store
-from conveyor.supervisor import api
+from conveyor.service.supervisor import api
 from conveyor.synthetic.recording import CameraSpec, RecordingSpec, RecordingWriter
 from conveyor.watcher import EpisodeWatcher
 
@@ -676,7 +676,7 @@ def test_a_cpu_deployment_on_the_default_queue_is_replaced_on_an_own_server_and_
     """`conveyor up` registers the cpu flows as `<flow>/<machine>`; a `backup/backup` left from an older conveyor
     would send its runs to a queue no conveyor worker polls. On the server `up` started it is removed; on a
     server it joined it is named, with the command that removes it."""
-    from conveyor.supervisor import Supervisor
+    from conveyor.service.supervisor import Supervisor
 
     api(prefect_api, "POST", "/work_pools/", {"name": "cpu", "type": "process"})  # 409 when it exists
     status, flow = api(prefect_api, "POST", "/flows/", {"name": "backup"})

@@ -123,7 +123,7 @@ def test_config_show_masks_secrets_and_errors_are_one_line(tmp_path):
 def test_up_gives_flows_the_paths_resolved_where_it_was_started(tmp_path, monkeypatch):
     """Worker-run flows start in the checkout; without a config file they must still see the store_root,
     work_dir and storage_url that `conveyor up` resolved in the folder it was started from."""
-    from conveyor.supervisor import PROJECT_DIR, Supervisor
+    from conveyor.service.supervisor import PROJECT_DIR, Supervisor
 
     monkeypatch.chdir(tmp_path)  # no conveyor.toml here: defaults resolve against this folder
     monkeypatch.delenv("CONVEYOR_CONFIG", raising=False)

@@ -70,7 +70,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     from conveyor.settings import load_settings
-    from conveyor.supervisor import Supervisor
+    from conveyor.service.supervisor import Supervisor
 
     settings = load_settings(args.up_config or args.config)
     return Supervisor(settings, port=args.port, demo=args.demo, out=lambda m: print(m, flush=True),
@@ -82,7 +82,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     from conveyor.errors import ConveyorError
     from conveyor.settings import load_settings
-    from conveyor.worker import Worker
+    from conveyor.service.worker import Worker
 
     settings = load_settings(args.worker_config or args.config)
     api_url = args.api_url or settings.prefect.api_url or os.environ.get("PREFECT_API_URL")

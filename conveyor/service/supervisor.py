@@ -32,10 +32,10 @@ from pathlib import Path
 import yaml
 
 from conveyor.errors import ConveyorError, mask_userinfo
-from conveyor.prefect_server import PrefectServer, start_prefect_server, wait_healthy
+from conveyor.service.prefect_server import PrefectServer, start_prefect_server, wait_healthy
 from conveyor.processes import marked_pids, port_in_use, stop_process, sweep
 from conveyor.settings import Settings, SourceSettings
-from conveyor.worker import (HEARTBEAT_SECONDS, MARKER, PROJECT_DIR, cache_dir, flow_env, machine_queue,
+from conveyor.service.worker import (HEARTBEAT_SECONDS, MARKER, PROJECT_DIR, cache_dir, flow_env, machine_queue,
                              start_worker)
 
 POOLS = ("cpu", "gpu")

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import IO
 
 from conveyor.errors import ConveyorError, mask_userinfo
-from conveyor.prefect_server import prefect_env, wait_healthy
+from conveyor.service.prefect_server import prefect_env, wait_healthy
 from conveyor.processes import stop_process, sweep
 from conveyor.settings import Settings
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # the repository root (prefect.yaml, flows/, tasks/)
 MARKER = "CONVEYOR_UP_TOKEN"  # every process a `conveyor up` / `conveyor worker` starts carries it
 HEARTBEAT_SECONDS = 30  # flow-run heartbeats: the server notices a run whose machine died (Prefect's minimum)
 
