@@ -10,7 +10,7 @@ from conveyor.ingest import (Plan, VideoWriter, write_data, write_episode_metada
                              write_videos)
 from conveyor.ledger import Curation, LedgerState
 from conveyor.reports import CurationReport, IngestReport
-from conveyor.source import V21Source
+from conveyor.source_v3 import open_source
 from conveyor.store import Store
 
 
@@ -21,7 +21,7 @@ def undrop_locked(s: Store, keys: list[tuple[str, int]], state: LedgerState, cur
         raise ConveyorError(s.root, f"the episodes come from {len(sources)} sources; undrop those of one source "
                                     "at a time")
     try:
-        src = V21Source.open(sources[0])
+        src = open_source(sources[0])  # a v2.1 recording or a v3.0 session
     except (ConveyorError, OSError) as e:
         raise ConveyorError(sources[0], f"cannot undrop: its source is not readable ({e})") from None
     info = s.info
