@@ -11,7 +11,7 @@ from prefect.concurrency.sync import concurrency
 from conveyor.curate_request import CurateRequest
 from conveyor.reports import CurationReport
 from tasks.artifacts import slug
-from tasks.ingest import store_limit
+from tasks.limits import store_limit
 from tasks.views import md_text
 
 

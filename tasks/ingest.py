@@ -19,13 +19,9 @@ from conveyor.version import DatasetVersion
 from conveyor.settings import TrainTriggerSettings
 from conveyor.trigger import idempotency_key, render_parameters
 from tasks.artifacts import Progress, slug, version_record
+from tasks.limits import store_limit
 from tasks.retry import RETRY
 from tasks.views import ingest_done_text
-
-
-def store_limit(store_name: str) -> str:
-    """Name of the global concurrency limit (limit 1) that serialises writers of one store."""
-    return f"store-{store_name}"
 
 
 @task(name="append-episodes", **RETRY)

@@ -17,7 +17,7 @@ from tasks.artifacts import Progress, slug
 from conveyor.repo import open_repo
 from tasks.repo import load_storage_settings
 from tasks.retry import retry_transient
-from tasks.ingest import store_limit
+from tasks.limits import store_limit
 from tasks.retry import RETRY
 
 

@@ -216,11 +216,13 @@ class Supervisor:
 
     def _create_limits(self) -> None:
         """One global concurrency limit (1 slot) per store: one writer at a time across all workers."""
+        from tasks.limits import store_limit
+
         for s in self._sources():
-            status, body = api(self.api_url, "POST", "/v2/concurrency_limits/", {"name": f"store-{s.name}",
+            status, body = api(self.api_url, "POST", "/v2/concurrency_limits/", {"name": store_limit(s.name),
                                                                                 "limit": 1})
             if status not in (200, 201, 409):
-                raise ConveyorError(f"concurrency limit store-{s.name}", f"HTTP {status}: {body}")
+                raise ConveyorError(f"concurrency limit {store_limit(s.name)}", f"HTTP {status}: {body}")
 
     def _deploy(self) -> None:
         """Register prefect.yaml's deployments, with this checkout as the pull directory and the nightly and
