@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 MAGIC = b"PAR1"
 _DICTIONARY_PAGE, _DATA_PAGE, _DATA_PAGE_V2 = 2, 0, 3
+_PAD = 1 << 16
 
 
 @dataclass
@@ -109,8 +110,11 @@ def rescue(path: Path, schema: pa.Schema) -> Rescued:
     """Rebuild the footer of a footer-less parquet file written with `schema` (see the module docstring)."""
     from fastparquet.cencoding import NumpyIO, ThriftObject
 
-    buf = np.fromfile(path, dtype=np.uint8)
-    total = len(buf)
+    raw = np.fromfile(path, dtype=np.uint8)
+    total = len(raw)
+    # zeros after the end: a header torn at the end of the file then parses into a short struct (0 = stop)
+    # instead of the Thrift reader (no bounds checks) running on past the buffer
+    buf = np.concatenate([raw, np.zeros(_PAD, dtype=np.uint8)])
     if total < 4 or bytes(buf[:4]) != MAGIC:
         raise ValueError("does not start with the parquet magic PAR1")
     meta = _template(schema)
@@ -127,7 +131,8 @@ def rescue(path: Path, schema: pa.Schema) -> Rescued:
         except Exception:
             return None
         end = rio.tell() + (ph.compressed_page_size or 0)
-        if ph.type is None or ph.compressed_page_size is None or rio.tell() > total or end > total:
+        if ph.type is None or ph.compressed_page_size is None or ph.compressed_page_size < 0 \
+                or rio.tell() > total or end > total:
             return None
         return ph, rio.tell(), end
 
@@ -199,5 +204,5 @@ def rescue(path: Path, schema: pa.Schema) -> Rescued:
     meta.row_groups = row_groups
     meta.num_rows = sum(rg.num_rows for rg in row_groups)
     footer = bytes(meta.to_bytes())
-    body = buf[:used].tobytes()
+    body = raw[:used].tobytes()
     return Rescued(body + footer + struct.pack("<I", len(footer)) + MAGIC, len(row_groups), used, total)

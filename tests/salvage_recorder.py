@@ -2,6 +2,10 @@
 synthetic frames, that SIGKILLs itself at a chosen point: what a recording PC's crash or `kill -9` leaves.
 
     python salvage_recorder.py ROOT --episodes 4 --frames 12 --kill after_save:1
+    python salvage_recorder.py PARENT --batch after_save:1 concat:2 ...   # one session per kill: PARENT/<kill>
+
+`--batch` imports lerobot once and records each session in a forked child (lerobot's import is most of a
+recording's time here); `no_finalize` always runs as a process of its own, since it is about interpreter exit.
 
 Kill points (`--kill`):
   after_save:K    right after the K-th `save_episode` returned (K counts from 1)
@@ -11,7 +15,9 @@ Kill points (`--kill`):
                   (the concatenation runs into a temporary file, so the camera file is still the old one)
   copy:K:PCT      inside episode K's `save_episode`: the concatenated file being moved onto the camera file
                   across filesystems (shutil.move = copy): only PCT % of its bytes are there
-  no_finalize     records every episode, exits normally without `finalize()`
+  no_finalize     records every episode, exits normally without `finalize()` (the interpreter's shutdown runs
+                  lerobot's `__del__` safety nets)
+  os_exit         records every episode, then the process ends without `finalize()` or any cleanup (os._exit)
   finalize        records every episode, `finalize()`, exits (nothing to salvage)
 
 Everything it gives the recorder is a pure function of (episode, frame): `frame_values` (tests compare to it).
@@ -58,14 +64,47 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def session_name(kill: str) -> str:
+    return kill.replace(":", "_")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("root")
     p.add_argument("--episodes", type=int, default=4)
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--kill", default="finalize")
+    p.add_argument("--batch", nargs="+", metavar="KILL")
     a = p.parse_args(argv)
-    what, *args = a.kill.split(":")
+    if a.batch:
+        batch(Path(a.root), a.batch, a.episodes, a.frames)
+    else:
+        record(a.root, a.kill, a.episodes, a.frames)
+
+
+def batch(parent: Path, kills: list[str], episodes: int, frames: int) -> None:
+    import subprocess
+
+    import lerobot.datasets.lerobot_dataset  # noqa: F401  (imported once, before the forks)
+
+    for kill in kills:
+        root = parent / session_name(kill)
+        if kill == "no_finalize":
+            subprocess.run([sys.executable, __file__, str(root), "--kill", kill, "--episodes", str(episodes),
+                            "--frames", str(frames)], check=True, stdout=subprocess.DEVNULL)
+            continue
+        pid = os.fork()
+        if pid == 0:
+            try:
+                record(str(root), kill, episodes, frames)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+    print("recorded", flush=True)
+
+
+def record(root: str, kill: str, episodes: int, frames: int) -> None:
+    what, *args = kill.split(":")
     nums = [int(x) for x in args]
 
     from lerobot.datasets import dataset_writer
@@ -103,11 +142,11 @@ def main(argv: list[str] | None = None) -> None:
 
             dataset_writer.concatenate_video_files = concat
 
-    ds = LeRobotDataset.create(repo_id="lab/session", fps=FPS, features=features(), root=a.root,
+    ds = LeRobotDataset.create(repo_id="lab/session", fps=FPS, features=features(), root=root,
                                robot_type="so101", use_videos=True)
-    for ep in range(a.episodes):
+    for ep in range(episodes):
         state["ep"] = ep
-        for i in range(a.frames):
+        for i in range(frames):
             if what == "mid_frames" and nums == [ep, i]:
                 _die()
             ds.add_frame({**frame_values(ep, i), "task": task_of(ep)})
@@ -116,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
             _die()
     if what == "finalize":
         ds.finalize()
-    print("recorded", flush=True)
+    if what == "os_exit":
+        os._exit(0)
 
 
 if __name__ == "__main__":
