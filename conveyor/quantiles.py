@@ -13,9 +13,13 @@ every commit keeps, beside the data, each numeric column's values sorted, in two
   read from. A commit that changed rows (curation, compaction) without `version_stats` leaves a digest that
   no longer matches: the next writer rebuilds from the data files instead of trusting stale values.
 
+Data files are immutable, so a commit changes rows only by replacing whole data files: `version_stats` (drop,
+trim, retask, compaction) takes the replaced files' rows out of the committed values and puts the staged
+files' rows in, reading only those files, or reads every live row when they are most of the data.
+
 The quantiles are exact order statistics of the union of the two sorted arrays, found by bisection (the base
 memory-mapped: O(D log N) pages read) and interpolated exactly like `np.quantile`'s default ("linear"), so they
-equal numpy over every row (tests/test_stats.py). min/max/mean/std/count stay the aggregation of the
+equal numpy over every row, bit for bit: no rank error at all (tests/test_stats.py, bench/stats.py). min/max/mean/std/count stay the aggregation of the
 per-episode stats (min of mins, pooled moments: exact up to float rounding). Camera features keep their
 sampled per-episode stats, aggregated (count-weighted quantiles): exactness is for numeric features.
 """
