@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from pydantic import BaseModel, Field
 from conveyor import layout
 from conveyor.errors import ConveyorError
 from conveyor.version import DatasetVersion
-from conveyor.scrub import FileDamage, Progress, ScrubReport, _check, hash_file, scrub
+from conveyor.scrub import (FileDamage, Progress, ScrubReport, _check, attribute, format_episodes, hash_file, scrub,
+                            verify_files)
 from conveyor.store import Store, crashpoint
 # the backup internals repair relies on, all in one place: list snapshots, read one, fetch a file's bytes
 from conveyor.backup import ManifestFile, read_manifest, snapshot_ids
@@ -96,6 +98,49 @@ def still_damaged(found: ScrubReport, repaired: RepairReport | None) -> list[Fil
     """What a scrub found and no repair healed: damaged, missing, lost (extras are reported, not failed on)."""
     healed = {h.path for h in repaired.healed} if repaired else set()
     return [d for d in found.damaged if d.path not in healed]
+
+
+class ScrubVerdict(BaseModel):
+    """The outcome of the one scrub -> repair -> verdict sequence (`scrub_then_repair`)."""
+
+    found: ScrubReport
+    repaired: RepairReport | None = None
+    rechecked: int = Field(0, description="healed files read again against their sha256 after the repair")
+    left: list[FileDamage] = Field(default_factory=list, description="damaged, missing or lost after all")
+
+    @property
+    def ok(self) -> bool:
+        return not self.left
+
+    def line(self) -> str:
+        """One line: what is still damaged and what it affects (empty when ok)."""
+        if self.ok:
+            return ""
+        how = "lost" if self.repaired else "damaged (repair off or no backup)"
+        eps = sorted({e for d in self.left for e in d.episodes})
+        whole = any(d.whole_store for d in self.left)
+        names = ", ".join(d.path for d in self.left[:3]) + (" ..." if len(self.left) > 3 else "")
+        return (f"scrub: {len(self.left)} file(s) {how}: {names}; affects "
+                f"{'the whole store' if whole else 'episodes ' + format_episodes(eps)}")
+
+
+def scrub_then_repair(store: str | Path, *, scrub_with: Callable[[], ScrubReport],
+                      repair_with: Callable[[ScrubReport], RepairReport | None] | None) -> ScrubVerdict:
+    """The one scrub -> repair -> verdict sequence, for `conveyor repair` and the nightly flow.
+
+    `scrub_with()` scrubs the store; `repair_with(found)` heals it from a repository (None, or returning None:
+    repair is off or there is nothing to repair from). The callers bring their own ways to run each step (progress bar; Prefect
+    tasks with retries and the store's writer slot). Every healed file is read again against its committed
+    sha256 before the verdict: a repair is trusted only as far as the bytes on disk."""
+    found = scrub_with()
+    repaired = repair_with(found) if found.damaged and repair_with is not None else None
+    left = still_damaged(found, repaired)
+    rechecked = 0
+    if repaired and repaired.healed:
+        s = Store.open(store)
+        problems, rechecked, _, _ = verify_files(s, [h.path for h in repaired.healed])
+        left += attribute(s, problems)
+    return ScrubVerdict(found=found, repaired=repaired, rechecked=rechecked, left=left)
 
 
 # --------------------------------------------------------------------------------------------------

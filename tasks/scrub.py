@@ -10,8 +10,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 
 from conveyor.errors import ConveyorError
-from conveyor.repair import RepairReport, has_snapshots, repair, still_damaged
-from conveyor.scrub import ScrubReport, format_episodes, scrub
+from conveyor.repair import RepairReport, has_snapshots, repair, scrub_then_repair
+from conveyor.scrub import ScrubReport, scrub
 from conveyor.settings import load_settings
 from tasks.artifacts import Progress, slug
 from conveyor.repo import open_repo
@@ -81,20 +81,15 @@ def scrub_report(store_name: str, found: ScrubReport, repaired: RepairReport | N
 
 
 def scrub_and_repair(store_name: str, store_path: Path, config: str | None, url: str) -> dict:
-    """Scrub, repair when settings allow, publish the artifact; raise (one line) if damage remains."""
+    """conveyor.repair's scrub -> repair -> verdict, each step a task here (repair only when settings allow);
+    publish the artifact; raise (one line) if damage remains."""
     settings = load_settings(config)
-    found = scrub_store(store_name, store_path, settings.scrub.workers)
-    repaired = None
-    if found.damaged and wants_repair(config, url):
-        repaired = repair_store(store_name, store_path, url, config, found)
-    scrub_report(store_name, found, repaired)
-    left = still_damaged(found, repaired)
-    if left:
-        how = "lost" if repaired else "damaged (repair off or no backup)"
-        eps = sorted({e for d in left for e in d.episodes})
-        whole = any(d.whole_store for d in left)
-        raise ConveyorError(store_path, f"scrub: {len(left)} file(s) {how}: {', '.join(d.path for d in left[:3])}"
-                                        f"{' ...' if len(left) > 3 else ''}; affects "
-                                        f"{'the whole store' if whole else 'episodes ' + format_episodes(eps)}")
-    return {"files": found.files, "damaged": len(found.damaged), "repaired": len(repaired.healed) if repaired else 0,
-            "extra": len(found.extra)}
+    v = scrub_then_repair(
+        store_path, scrub_with=lambda: scrub_store(store_name, store_path, settings.scrub.workers),
+        repair_with=lambda found: repair_store(store_name, store_path, url, config, found)
+        if wants_repair(config, url) else None)  # asked only when there is damage
+    scrub_report(store_name, v.found, v.repaired)
+    if not v.ok:
+        raise ConveyorError(store_path, v.line())
+    return {"files": v.found.files, "damaged": len(v.found.damaged),
+            "repaired": len(v.repaired.healed) if v.repaired else 0, "extra": len(v.found.extra)}

@@ -357,3 +357,22 @@ def test_a_dead_childs_output_is_its_exception_line():
            '    raise convert_status(status)\n          ^^^^^^^^\nOSError: Unexpected end of stream\n')
     assert last_error_line(out) == "OSError: Unexpected end of stream"
     assert last_error_line("Killed\n") == "Killed" and last_error_line("") == "no output"
+
+
+def test_the_verdict_reads_every_healed_file_again(store):
+    """scrub -> repair -> verdict (conveyor.repair.scrub_then_repair, for the CLI and the nightly flow): a repair
+    that reports a file healed while its bytes are still wrong does not pass."""
+    from conveyor.repair import Healed, RepairReport, scrub_then_repair
+
+    rel = "data/chunk-000/file-001.parquet"
+    zero_middle(store / rel)
+
+    def claims_to_heal(found):  # a repair step whose report says more than it did
+        return RepairReport(store=str(store), repository="file:///nowhere",
+                            healed=[Healed(path=d.path, snapshot="x", episodes=d.episodes) for d in found.damaged])
+
+    v = scrub_then_repair(store, scrub_with=lambda: scrub(store), repair_with=claims_to_heal)
+    assert v.rechecked == 1 and [d.path for d in v.left] == [rel] and not v.ok
+    assert v.line() == f"scrub: 1 file(s) lost: {rel}; affects episodes 1"
+    off = scrub_then_repair(store, scrub_with=lambda: scrub(store), repair_with=lambda found: None)
+    assert off.line() == f"scrub: 1 file(s) damaged (repair off or no backup): {rel}; affects episodes 1"

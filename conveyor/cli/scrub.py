@@ -51,7 +51,7 @@ def _scrub(a: argparse.Namespace) -> int:
 
 
 def _repair(a: argparse.Namespace) -> int:
-    from conveyor.repair import repair
+    from conveyor.repair import repair, scrub_then_repair
     from conveyor.repo import open_repo
     from conveyor.scrub import format_episodes, scrub
     from tasks.repo import load_storage_settings
@@ -59,22 +59,30 @@ def _repair(a: argparse.Namespace) -> int:
     folder = store_folder(a.store, a.config)
     settings = load_storage_settings(a.config)
     url = a.url or settings.storage_url
-    with progress_bar("scrubbing", transfer=True) as cb:
-        found = scrub(folder, progress=cb)
-    print_problems(found.problems)
-    print(found.summary())
-    if not found.damaged:
-        return 0 if found.ok else 1
-    with open_repo(url, settings) as repo:
-        r = repair(folder, repo, found=found, lock_timeout=a.lock_timeout)
+
+    def scrub_with():
+        with progress_bar("scrubbing", transfer=True) as cb:
+            found = scrub(folder, progress=cb)
+        print_problems(found.problems)
+        print(found.summary())
+        return found
+
+    def repair_with(found):
+        with open_repo(url, settings) as repo:
+            return repair(folder, repo, found=found, lock_timeout=a.lock_timeout)
+
+    v = scrub_then_repair(folder, scrub_with=scrub_with, repair_with=repair_with)
+    if v.repaired is None:
+        return 0 if v.found.ok else 1
+    r = v.repaired
     for h in r.healed:
         what = "whole store" if h.whole_store else f"episodes {format_episodes(h.episodes)}" + (
             f", camera {h.camera}" if h.camera else "")
         print(f"  HEALED {h.path} ({what}) from {url}@{h.snapshot}")
-    for d in r.lost:
-        print(f"conveyor: error: {folder / d.path}: LOST, {d.holds()}; left as is ({d.detail})", file=sys.stderr)
-    with progress_bar("scrubbing", transfer=True) as cb:
-        after = scrub(folder, progress=cb)
-    print(f"repaired {len(r.healed)} of {len(found.damaged)} file(s) from {url}, {len(r.lost)} lost; "
-          f"{r.seconds:.2f} s; then {after.summary()}")
-    return 0 if after.ok else 1
+    for d in v.left:
+        print(f"conveyor: error: {folder / d.path}: {'LOST' if d in r.lost else 'still damaged'}, {d.holds()}; "
+              f"left as is ({d.detail})", file=sys.stderr)
+    print(f"repaired {len(r.healed)} of {len(v.found.damaged)} file(s) from {url}, {len(r.lost)} lost; "
+          f"{r.seconds:.2f} s; then {v.rechecked} healed file(s) read again: "
+          f"{'every byte as committed' if v.ok else v.line()}")
+    return 0 if v.ok else 1
