@@ -17,23 +17,29 @@ from conveyor.training.request import TrainRequest, default_run_name
 from tasks.datasets import release_pin_task
 from tasks.retry import is_transient
 from tasks.train import evaluate_task, preflight_task, run_task
+from tasks.views import rename_this_run
 
 
 @flow(name="train", retries=2, retry_delay_seconds=30, log_prints=True)
-def train(request: TrainRequest, config: str | None = None) -> dict[str, Any]:
+def train(request: TrainRequest, config: str | None = "") -> dict[str, Any]:
     """Train a policy on a store with lerobot-train; archive checkpoints; resume on retry.
 
     Args:
         request: what to train, on which data, and where the checkpoints go.
         config: conveyor.toml on the training machine (empty: $CONVEYOR_CONFIG, else ./conveyor.toml).
     """
+    # config defaults to "" (not None): the form then shows a text input instead of "Property is type None"
     run_name = request.run_name or default_run_name(request, (flow_run.get_id() or "local")[:8])
+    what = f"{request.policy_type if not request.policy_path else 'finetune'} on {request.store}"
     try:
         plan = preflight_task(request, run_name, config)
     except ConveyorError as e:
         if not is_transient(e):  # unreachable storage or a busy lock may pass on retry; a refusal will not
             _refusal_is_final()
+            rename_this_run(f"{what}, {request.steps} steps: refused")
         raise
+    version = f" c{plan.dataset_version.commit}" if plan.dataset_version else ""
+    rename_this_run(f"{plan.policy_type} on {plan.repo_id.split('/', 1)[-1]}{version}, {request.steps} steps")
     result = run_task(plan, config)
     release_pin_task(plan.run_name, plan.output_dir, plan.archive_url, config)
     return result.model_dump(mode="json")

@@ -6,6 +6,7 @@ No task retries: the `train` flow's retries re-run an attempt, which resumes fro
 from __future__ import annotations
 
 import shlex
+import time
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -19,16 +20,19 @@ from tasks.artifacts import Progress, slug
 from tasks.repo import load_storage_settings
 from tasks.views import ConfigDump, fresh_start_command, loss_markdown
 
+TERMINAL = {"terminal": True}   # a log record `conveyor train` also prints on the terminal
+
 
 @task(name="train-preflight", cache_policy=NONE)
 def preflight_task(request: TrainRequest, run_name: str, config: str | None = None) -> TrainPlan:
     """Refuse a bad request before any GPU time is spent (one sentence), else the resolved plan."""
     log = get_run_logger()
     plan = preflight(request, load_storage_settings(config), run_name=run_name, log=log.info)
-    log.info("run %s: %s on %s (%s), recipe %s (%s), batch %d, %d steps, video backend %s, lerobot %s (%s)",
-             plan.run_name, plan.policy_type, plan.dataset_root,
-             plan.dataset_version.short if plan.dataset_version else "no ledger", plan.recipe, plan.recipe_reason,
-             plan.batch_size, request.steps, plan.video_backend, plan.lerobot.version, plan.lerobot.executable)
+    log.info("run %s: %s on %s %s, %s, %d steps; recipe %s (%s), batch %d, %d data loader workers, video "
+             "backend %s, lerobot %s (%s)", plan.run_name, plan.policy_type, plan.repo_id.split("/", 1)[-1],
+             plan.dataset_version.short if plan.dataset_version else "(no ledger)", request.device, request.steps,
+             plan.recipe, plan.recipe_reason, plan.batch_size, plan.num_workers, plan.video_backend,
+             plan.lerobot.version, plan.lerobot.executable, extra=TERMINAL)
     for note in plan.option_notes:
         log.info("option %s", note)
     create_markdown_artifact(
@@ -49,14 +53,32 @@ def run_task(plan: TrainPlan, config: str | None = None) -> TrainResult:
     rows: list[StepMetrics] = []
     progress, total = Progress(f"train-progress-{slug(plan.run_name)}", every=2.0), plan.request.steps
 
+    clock: dict = {"t0": None, "s0": 0, "said": -1, "at": 0.0, "loss": None}
+
+    def on_step(step: int) -> None:
+        """A line per tenth of the run, every 5 minutes, and at the last step (tagged: the CLI prints it)."""
+        now = time.monotonic()
+        if clock["t0"] is None:
+            clock.update(t0=now, s0=step, at=now)
+        tenth = max(1, total // 10)
+        due = step // tenth > clock["said"] // tenth or step >= total or now - clock["at"] >= 300
+        if step <= max(clock["said"], clock["s0"]) or not due:
+            return
+        loss = f", loss {clock['loss']:.4g}" if clock["loss"] is not None else ""
+        clock.update(said=step, at=now)
+        log.info("step %d/%d (%d%%)%s, %.1f s/step", step, total, 100 * step // total, loss,
+                 (now - clock["t0"]) / (step - clock["s0"]), extra=TERMINAL)
+
     def on_metrics(m: StepMetrics) -> None:
         rows.append(m)
+        clock["loss"] = m.loss
         progress(m.step, total, f"step {m.step}/{total}, loss {m.loss:.4g}, {m.samples_per_s:.1f} samples/s")
 
+    log.info("lerobot-train's full output: %s/train-*.log", plan.logs_dir, extra=TERMINAL)
     try:
         result = run_attempt(plan, load_storage_settings(config), log=log.info,
                              on_line=ConfigDump(plan.run_name, log.info),
-                             on_metrics=on_metrics)
+                             on_metrics=on_metrics, on_step=on_step)
     finally:
         if rows:
             every = max(1, len(rows) // 50)

@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from importlib import metadata
@@ -155,6 +157,82 @@ def test_act_trains_and_evaluates(env, prefect_server, capsys):
     rows = [ln.split() for ln in lines[head + 1:head + 8]]
     assert rows[-1][0] == "all" and len(rows) == 7           # 6 joints + all
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+def _cli_train(env, run_name: str, *extra: str) -> list[str]:
+    """`conveyor train` of a tiny ACT on CPU, as a person types it (the console script, a real terminal's
+    output on stdout/stderr)."""
+    opts = [a for k, v in TINY_ACT.items() for a in ("--set", f"{k}={'null' if v is None else v}")]
+    return [str(Path(sys.executable).parent / "conveyor"), "--config", env["config"], "train", "--store", "grasp",
+            "--policy-type", "act", "--device", "cpu", "--log-freq", "1", "--run-name", run_name, "--no-archive",
+            *opts, *extra]
+
+
+def _run_state(prefect_server, run_name: str) -> str:
+    runs = [r for r in flow_runs(prefect_server, "train") if r["parameters"]["request"]["run_name"] == run_name]
+    return runs[0]["state_type"] if runs else "NONE"
+
+
+@pytest.mark.lerobot
+@pytest.mark.slow
+def test_cli_terminal_shows_the_plan_progress_and_link_only(env, prefect_server):
+    """A CPU run's terminal: the plan, where lerobot's output goes, step/loss lines, the UI link and the
+    result; no lerobot output, no traceback (torchcodec is never tried). A bad option is one line."""
+    r = subprocess.run(_cli_train(env, "act-quiet", "--steps", "4", "--save-freq", "4"), capture_output=True,
+                       text=True, timeout=900)
+    lines = (r.stdout + r.stderr).splitlines()
+    assert r.returncode == 0, lines[-5:]
+    assert "Traceback" not in r.stdout + r.stderr and len(lines) <= 10, lines
+    assert lines[0].startswith("in the UI: http"), "the link, once preflight passed"
+    assert lines[1].startswith("run act-quiet: act on grasp c1-") and "recipe cpu" in lines[1]
+    assert "/runs/flow-run/" in lines[0] and "/v2/" not in lines[0], "the UI the logs' `View at` opens"
+    assert [ln.split(" (")[0] for ln in lines if ln.startswith("step ")] == [f"step {i}/4" for i in (1, 2, 3, 4)]
+    assert lines[-1].startswith("run act-quiet finished at step 4 (fresh)")
+    named = [r["name"] for r in flow_runs(prefect_server, "train") if r["parameters"]["request"]["run_name"] == "act-quiet"]
+    assert named == ["act on grasp c1, 4 steps"], "a train run is named after policy, store, version and steps"
+    log = next((env["base"] / "work/runs/act-quiet/logs").glob("train-*.log")).read_text()
+    assert "--dataset.video_backend=" in log and "libtorchcodec" not in log and "End of training" in log
+
+    bad = subprocess.run(_cli_train(env, "act-bad", "--steps", "4", "--set", "policy.no_such_option=1"),
+                         capture_output=True, text=True, timeout=900)
+    assert bad.returncode == 1 and bad.stdout == "" and len(bad.stderr.splitlines()) == 1, bad.stderr
+    assert "policy.no_such_option" in bad.stderr
+    usage = subprocess.run(_cli_train(env, "act-usage", "--set", "policy.dim_model"), capture_output=True,
+                           text=True, timeout=120)
+    assert usage.returncode == 2 and usage.stdout == "" and len(usage.stderr.splitlines()) == 1, usage.stderr
+
+
+@pytest.mark.lerobot
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_an_ended_cli_run_does_not_stay_running(env, prefect_server, how):
+    """Ctrl-C or SIGTERM: the run ends Crashed/Cancelled and lerobot-train is stopped. kill -9: the server
+    cannot be told; the next `conveyor train` on this machine marks the run Crashed."""
+    name = f"act-{how.lower()}"
+    out = env["base"] / "work/runs" / name
+    proc = subprocess.Popen(_cli_train(env, name, "--steps", "100000", "--save-freq", "100000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 900
+    while not (out / "metrics.jsonl").exists():       # lerobot-train is past its first step
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+        time.sleep(0.5)
+    child = int((out / "train.pid").read_text())
+    assert _run_state(prefect_server, name) == "RUNNING"
+    os.kill(proc.pid, getattr(signal, how))
+    text = proc.communicate(timeout=300)[0]
+    if how == "SIGKILL":
+        os.kill(child, signal.SIGKILL)             # its own session: the kill -9 of the CLI does not reach it
+        assert _run_state(prefect_server, name) == "RUNNING"
+        refused = subprocess.run(_cli_train(env, f"{name}-next", "--set", "dataset.single_task=x"),
+                                 capture_output=True, text=True, timeout=900)
+        assert refused.returncode == 1
+    else:
+        assert "Traceback" not in text and len(text.splitlines()) <= 8, text
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:   # stopped, not orphaned
+            time.sleep(0.2)
+        assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert _run_state(prefect_server, name) in ("CRASHED", "CANCELLED")
 
 
 @pytest.mark.lerobot
@@ -460,13 +538,11 @@ def test_preflight_refuses_a_lerobot_outside_the_supported_range(env, tmp_path):
 # ------------------------------------------------------------------ deployment form
 
 
-def test_deployment_parameter_schema_is_the_request_form(prefect_server):
+def _gpu_pool() -> None:
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-
-    from flows.train import train
 
     async def pool():
         async with get_client() as c:
@@ -476,6 +552,12 @@ def test_deployment_parameter_schema_is_the_request_form(prefect_server):
                 pass
 
     asyncio.run(pool())
+
+
+def test_deployment_parameter_schema_is_the_request_form(prefect_server):
+    from flows.train import train
+
+    _gpu_pool()
     train.to_deployment(name="train", work_pool_name="gpu").apply()
     dep = api(prefect_server, "GET", "/deployments/name/train/train")
     schema = dep["parameter_openapi_schema"]
@@ -493,6 +575,46 @@ def test_deployment_parameter_schema_is_the_request_form(prefect_server):
 
 
 @pytest.mark.lerobot
+def test_the_form_accepts_null_and_empty_optional_fields(prefect_server):
+    """Every optional field may be null (a cleared input, an API call) and the form's own submission (empty
+    text inputs, number inputs left out) is accepted: by the JSON schema validator Prefect runs on the
+    deployment's parameter schema, by the server when it creates the run, and by the flow's own model."""
+    import httpx
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.train import train
+
+    optional = [n for n, f in TrainRequest.model_fields.items() if not f.is_required() and f.default is None]
+    assert {"vlm_model_name", "policy_path", "dataset_version", "batch_size", "num_workers", "run_name",
+            "output_dir", "archive_url"} <= set(optional)
+    nulls = {"request": {"store": "grasp", **dict.fromkeys(optional)}, "config": None}
+    form = {"request": {"store": "grasp", "policy_type": "act", "recipe": "auto", "device": "cpu", "gpus": 1,
+                        "steps": 20, "save_freq": 5000, "log_freq": 100, "seed": 1000, "archive": True,
+                        "options": {}, **{n: "" for n in optional
+                                          if "string" == TrainRequest.model_json_schema()["properties"][n]["type"]}},
+            "config": ""}
+    schema = parameter_schema(train).model_dump_for_openapi()
+    props = schema["definitions"]["TrainRequest"]["properties"]
+    assert all("anyOf" not in props[n] and "default" not in props[n] for n in optional), "a plain input"
+    assert schema["properties"]["config"]["default"] == "", "a text input, not 'Property is type None'"
+    for params in (nulls, form):
+        assert validate(params, schema, raise_on_error=True) == []
+    _gpu_pool()
+    train.to_deployment(name="train", work_pool_name="gpu").apply()
+    dep = api(prefect_server, "GET", "/deployments/name/train/train")
+    assert dep["enforce_parameter_schema"]
+    for params in (nulls, form):
+        run = api(prefect_server, "POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})
+        assert run["state_type"] == "SCHEDULED"
+        httpx.delete(f"{prefect_server.api_url}/flow_runs/{run['id']}", timeout=30).raise_for_status()
+        request = train.validate_parameters(params)["request"]
+        assert request.store == "grasp" and all(getattr(request, n) is None for n in optional)
+    with pytest.raises(Exception, match="409"):   # the schema still types what is set
+        api(prefect_server, "POST", f"/deployments/{dep['id']}/create_flow_run",
+            {"parameters": {"request": {"store": "grasp", "batch_size": "four"}}})
+
+
 def test_refused_request_fails_once_without_retries(env, prefect_server):
     """A preflight refusal is final: the flow's retries (meant for resuming) are not spent on it."""
     request = smolvla(env, run_name="refused-once", options={**TINY_SMOLVLA, "dataset.single_task": "x"})

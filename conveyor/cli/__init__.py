@@ -26,7 +26,9 @@ start here:
   conveyor stores                           what is in each store
   conveyor show koch_grasp                  one store: cameras, tasks, lengths, versions, quarantine
   conveyor validate koch_grasp --deep       check a store, also through lerobot
-  conveyor train --store koch_grasp --policy-type act --steps 2000
+  conveyor train --store koch_grasp --policy-type act --steps 20 --device cpu \\
+      --set policy.pretrained_backbone_weights=null   a short training run on this machine's CPU
+                                            (on a GPU: drop --device cpu, e.g. --steps 2000)
 
 exit status: 0 ok, 1 a check failed or an input was bad (one line naming the file), 2 usage error.
 `conveyor COMMAND --help` shows each command's options and their defaults."""

@@ -32,12 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="per-GPU batch size (default: the recipe's)")
     p.add_argument("--save-freq", type=int, default=5_000, help="save and archive a checkpoint every N steps")
     p.add_argument("--log-freq", type=int, default=100, help="log loss, grad norm and lr every N steps")
-    p.add_argument("--num-workers", type=int, default=4, help="data loader worker processes")
+    p.add_argument("--num-workers", type=int,
+                   help="data loader worker processes (default: the recipe's, 4 on a GPU and 0 on CPU; at most "
+                        "the cores the run has)")
     p.add_argument("--seed", type=int, default=1000, help="random seed")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu only for smoke tests")
     p.add_argument("--gpus", type=int, default=1, help="GPUs; more than 1 runs `accelerate launch`")
     p.add_argument("--recipe", choices=["auto", "light", "standard"], default="auto",
-                   help="memory recipe: light for <= 12 GB GPUs, standard for >= 24 GB, auto picks by free memory")
+                   help="memory recipe: light for <= 12 GB GPUs, standard for >= 24 GB, auto picks by free memory "
+                        "(on CPU: batch 4, no data loader workers, for a smoke run)")
     p.add_argument("--dataset-version", metavar="VERSION",
                    help="pin a dataset version: commit number or content-hash prefix (default: current)")
     p.add_argument("--run-name", help="reuse a name to continue that run (default: <policy>-<store>-<time>, policy 'finetune' with --policy-path)")
@@ -85,29 +88,31 @@ def _answers(api: str) -> bool:
         return False
 
 
-_NOISE = ("Starting temporary server", "Stopping temporary server", "Running hook", "Hook ",
-          "Finished in state Failed", "Finished in state Crashed")
-_RESTATED = ("Task run failed with exception", "Encountered exception")
+class _Console:
+    """Filter for Prefect's console handlers: nothing of a run's log reaches the terminal (lerobot's output
+    and Prefect's own lines stay in the UI and the run's log file); the CLI prints its own lines."""
+
+    def filter(self, record) -> bool:
+        return False
 
 
-class _NoTraceback:
-    """Console-only log filter: no temporary-server notice, no traceback (the error gets one line; the
-    run's full log, traceback included, stays in the Prefect UI and the run's log file)."""
+_LINK: list[str] = []   # the run's UI link, printed before the run's first terminal line (after preflight)
 
-    def filter(self, record):
-        import copy
-        import logging
 
-        msg = str(record.msg)
-        if msg.startswith(_NOISE) or (record.levelno >= logging.ERROR and msg.startswith(_RESTATED)):
-            return False
-        if record.exc_info or (record.levelno >= logging.ERROR and "Traceback (most recent call last)" in msg):
-            if "Encountered exception during execution" in msg or "Traceback" in msg:
-                return False
-            record = copy.copy(record)
-            record.exc_info = record.exc_text = None
-            return record
-        return True
+class _Terminal:
+    """What a person at the terminal needs, from the run's log: records tagged `terminal` (the plan, the
+    progress lines, where lerobot's log is) as bare lines, the UI link before the first, and a retry notice.
+    A run refused by preflight prints only its one-line error."""
+
+    def filter(self, record) -> bool:
+        if getattr(record, "terminal", False):
+            if _LINK:
+                record.msg, record.args = f"{_LINK.pop()}\n{record.getMessage()}", ()
+            return True
+        if str(record.msg).startswith("Received non-final state 'AwaitingRetry'"):
+            record.msg, record.args = "the attempt failed; retrying (it resumes from the newest checkpoint)", ()
+            return True
+        return False
 
 
 def _quiet_prefect_console() -> None:
@@ -120,18 +125,93 @@ def _quiet_prefect_console() -> None:
         configuration.setup_logging()
     for name in ("prefect", "prefect.server.api.server", ""):
         for h in logging.getLogger(name).handlers:
-            if isinstance(h, PrefectConsoleHandler) and not any(isinstance(f, _NoTraceback) for f in h.filters):
-                h.addFilter(_NoTraceback())
+            if isinstance(h, PrefectConsoleHandler) and not any(isinstance(f, _Console) for f in h.filters):
+                h.addFilter(_Console())
+    prefect_logger = logging.getLogger("prefect")
+    if not any(isinstance(f, _Terminal) for h in prefect_logger.handlers for f in h.filters):
+        terminal = logging.StreamHandler(sys.stdout)
+        terminal.setFormatter(logging.Formatter("%(message)s"))
+        terminal.addFilter(_Terminal())
+        prefect_logger.addHandler(terminal)
+
+
+CLI_TAG = "conveyor-cli"     # a run started by `conveyor train`/`evaluate`, with `cli-pid:<pid>@<host>` beside it
+
+
+def _owner_tag() -> str:
+    import socket
+
+    return f"cli-pid:{os.getpid()}@{socket.gethostname()}"
+
+
+def _alive(pid: int) -> bool:
+    """A conveyor process with this pid runs here (a reused pid of another program does not count)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"conveyor" in f.read()
+    except OSError:
+        return False
+
+
+def _crash_orphans() -> None:
+    """A CLI run whose process ended without telling the server (kill -9, a reboot, the server down while
+    it ended) would stay Running: at the next `conveyor train`/`evaluate` on the same machine, mark each
+    such run of this machine Crashed."""
+    import socket
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, \
+        FlowRunFilterTags
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    host = socket.gethostname()
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[CLI_TAG]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))))
+        for run in runs:
+            owner = next((t.removeprefix("cli-pid:") for t in run.tags if t.startswith("cli-pid:")), "")
+            pid, _, where = owner.partition("@")
+            if where == host and pid.isdigit() and not _alive(int(pid)):
+                client.set_flow_run_state(run.id, Crashed(message=f"its `conveyor` process (pid {pid} on {host}) "
+                                                                  "ended without reporting"), force=True)
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM ends a CLI run the way Ctrl-C does (Prefect marks the run Crashed, lerobot-train is stopped),
+    instead of killing the process with the run left Running."""
+
+    def __enter__(self):
+        import signal
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        self.saved = signal.signal(signal.SIGTERM, interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.signal(signal.SIGTERM, self.saved)
 
 
 def _run_flow(flow, ui: str | None, **params):
     """Run `flow` in this process; print its UI link when it starts; a failure raises the flow's own error."""
     def announce(_flow, run, _state):
         if ui:
-            print(f"run {run.name}: {ui}/v2/runs/flow-run/{run.id}?tab=Artifacts", flush=True)
+            _LINK[:] = [f"in the UI: {ui}/runs/flow-run/{run.id}"]
 
-    state = flow.with_options(on_running=[announce])(**params, return_state=True)
+    import prefect
+
+    if ui:
+        _crash_orphans()
+    with prefect.tags(CLI_TAG, _owner_tag()), _sigterm_as_interrupt():
+        state = flow.with_options(on_running=[announce])(**params, return_state=True)
     if state.is_completed():
+        if _LINK:
+            print(_LINK.pop())
         return state.result()
     try:
         state.result(raise_on_failure=True)
@@ -142,13 +222,17 @@ def _run_flow(flow, ui: str | None, **params):
     raise ConveyorError("train", state.message or f"run ended {state.name}")
 
 
+class _UsageError(Exception):
+    """A malformed command line (exit 2, one line)."""
+
+
 def build_request(args):
     from conveyor.training.request import TrainRequest, default_run_name, parse_set_options
 
     try:
         options = parse_set_options(args.options)
     except ValueError as ex:
-        raise ConveyorError("--set", str(ex)) from None
+        raise _UsageError(str(ex)) from None
     fields = dict(store=args.store, policy_type=args.policy_type, policy_path=args.policy_path,
                   vlm_model_name=args.vlm_model_name, steps=args.steps, batch_size=args.batch_size,
                   save_freq=args.save_freq, log_freq=args.log_freq, num_workers=args.num_workers, seed=args.seed,
@@ -169,11 +253,15 @@ def build_request(args):
 
 
 def cmd_train(args) -> int:
-    request = build_request(args)
+    try:
+        request = build_request(args)
+    except _UsageError as e:
+        print(f"conveyor train: error: {e}", file=sys.stderr)
+        return 2
     ui = _prefect_env(args)
     from flows.train import train
 
-    result = _run_flow(train, ui, request=request, config=args.config)
+    result = _run_flow(train, ui, request=request, config=args.config or "")
     if result["already_finished"]:
         print(f"run {result['run_name']} already finished at step {result['final_step']}; nothing to do")
     else:

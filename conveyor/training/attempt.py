@@ -25,6 +25,7 @@ from conveyor.training import checkpoints as ck
 from conveyor.training.lossplot import plot_loss
 from conveyor.repo import Repo, open_repo
 from conveyor.training.preflight import TrainPlan
+from conveyor.training.lerobot_env import pyav_only
 from conveyor.training.lerobot_train import StepMetrics, lerobot_command, run_lerobot_train
 
 Log = Callable[[str], None]
@@ -162,7 +163,7 @@ def resume_args(plan: TrainPlan, ckpt: ck.Checkpoint) -> tuple[list[str], list[s
     changes = ck.rewrite_paths(ckpt, mapping)
     req = plan.request
     args = [f"--config_path={ckpt.train_config}", "--resume=true", f"--steps={req.steps}",
-            f"--save_freq={req.save_freq}", f"--log_freq={req.log_freq}", f"--num_workers={req.num_workers}",
+            f"--save_freq={req.save_freq}", f"--log_freq={req.log_freq}", f"--num_workers={plan.num_workers}",
             f"--dataset.video_backend={plan.video_backend}"]
     return args, changes
 
@@ -193,7 +194,8 @@ def write_run_manifest(plan: TrainPlan, result: TrainResult, objects: Repo | Non
 
 
 def run_attempt(plan: TrainPlan, settings=None, *, log: Log = print, on_line: Log | None = None,
-                on_metrics: Callable[[StepMetrics], None] | None = None) -> TrainResult:
+                on_metrics: Callable[[StepMetrics], None] | None = None,
+                on_step: Callable[[int], None] | None = None) -> TrainResult:
     """One attempt of the run described by `plan`; raises ConveyorError when lerobot-train fails."""
     req = plan.request
     plan.output_dir.mkdir(parents=True, exist_ok=True)
@@ -228,10 +230,12 @@ def run_attempt(plan: TrainPlan, settings=None, *, log: Log = print, on_line: Lo
         import os
 
         env = {**os.environ, **plan.env}
+        if plan.video_backend == "pyav":
+            env = pyav_only(env)
         cmd = lerobot_command(args, plan.lerobot.executable, req.gpus)
         with hold(plan.dataset_root), (archiver or nullcontext()):  # the cached version is not evicted meanwhile
             run = run_lerobot_train(cmd, env, plan.logs_dir, batch_size=plan.batch_size, log_freq=req.log_freq,
-                                    start_step=result.started_from, on_line=on_line, on_metrics=metrics_cb,
+                                    start_step=result.started_from, on_line=on_line, on_metrics=metrics_cb, on_step=on_step,
                                     pid_file=plan.output_dir / "train.pid")
         result.returncode, result.log_path, result.seconds = run.returncode, str(run.log_path), run.seconds
         newest = ck.newest_local(plan.lerobot_dir)

@@ -8,6 +8,7 @@ lerobot environment that trained the checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def evaluate(run: str, settings, *, episodes: list[int] | None = None, checkpoin
         out = lerobot_eval.predict_errors(job)
     else:
         out = lerobot_env.run_script(env, Path(lerobot_eval.__file__), job, "the evaluation", 2 * 3600,
-                                     OFFLINE_ENV)
+                                     lerobot_env.pyav_only({**os.environ, **OFFLINE_ENV}))  # it decodes with PyAV
     if out.get("error"):
         raise ConveyorError(root, out["error"])
     n, dim = max(int(out["count"]), 1), len(out["names"])

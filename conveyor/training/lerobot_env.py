@@ -9,6 +9,7 @@ it. Supported: lerobot 0.4.4 up to 0.6.x (0.4.4 and 0.6.1 are tested).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,14 @@ _VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)")
 RENAMED_IN_06 = {"eval_freq": "env_eval_freq"}
 # 0.4.4's RA-BC flags became `sample_weighting.*` in 0.6 (not a plain rename: refused with the new form)
 RABC_044 = ("use_rabc", "rabc_progress_path", "rabc_kappa", "rabc_epsilon", "rabc_head_mode")
+PYAV_HOOK = Path(__file__).with_name("pyav_hook")
+
+
+def pyav_only(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a lerobot process that decodes with PyAV: torchcodec marked absent in it and its children
+    (pyav_hook/sitecustomize.py), so lerobot never tries to load a decoder it cannot load."""
+    path = env.get("PYTHONPATH")
+    return {**env, "PYTHONPATH": str(PYAV_HOOK) + (os.pathsep + path if path else "")}
 
 
 class LerobotEnv(BaseModel):
@@ -153,8 +162,6 @@ def run_script(env: LerobotEnv, script: Path, request: dict, what: str, timeout:
                extra_env: dict[str, str] | None = None) -> dict:
     """Run one of conveyor's standalone scripts (`lerobot_probe`, `lerobot_eval`) in the environment's
     interpreter: the request as JSON on stdin, one JSON object back on stdout's last line."""
-    import os
-
     code = (f"import runpy, sys; sys.argv = [{script.stem!r}]; "
             f"runpy.run_path({str(script)!r}, run_name='__main__')")
     try:

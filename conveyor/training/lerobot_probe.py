@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -26,18 +27,18 @@ def versions() -> dict[str, str]:
 
 
 def safe_video_backend() -> str:
-    """lerobot's own choice where it checks that torchcodec loads (0.5+); else torchcodec only when it
-    really loads (0.4.4 picks it whenever it is importable, even without FFmpeg's shared libraries)."""
+    """torchcodec only when it really loads (0.4.4 picks it whenever it is importable, even without FFmpeg's
+    shared libraries; 0.6 logs a ~100-line traceback before falling back). When it does not load it is
+    marked absent here, as pyav_hook does in the run's processes, so lerobot's config defaults pick PyAV
+    without trying it again."""
+    if sys.modules.get("torchcodec", False) is None:
+        return "pyav"
     try:
-        from lerobot.utils.import_utils import get_safe_default_video_backend
-    except ImportError:
-        try:
-            from torchcodec.decoders import VideoDecoder  # noqa: F401
-            return "torchcodec"
-        except Exception:  # noqa: BLE001 -- ImportError or RuntimeError("Could not load libtorchcodec")
-            return "pyav"
-    with redirect_stderr(io.StringIO()):
-        return get_safe_default_video_backend()
+        from torchcodec.decoders import VideoDecoder  # noqa: F401
+        return "torchcodec"
+    except Exception:  # noqa: BLE001 -- ImportError, OSError or RuntimeError("Could not load libtorchcodec")
+        sys.modules["torchcodec"] = None
+        return "pyav"
 
 
 def torch_hub_checkpoints() -> str:
@@ -63,6 +64,8 @@ def parse_train_config(args: list[str]):
     saved = sys.argv
     err = io.StringIO()
     sys.argv = ["lerobot-train", *args]
+    backend_note = logging.getLogger("lerobot.utils.import_utils")  # the video backend default's warning
+    backend_note.disabled = True
     try:
         with redirect_stderr(err), redirect_stdout(io.StringIO()):
             return parser.wrap()(_parse)()
@@ -71,6 +74,7 @@ def parse_train_config(args: list[str]):
         raise ValueError(lines[-1] if lines else "invalid arguments") from None
     finally:
         sys.argv = saved
+        backend_note.disabled = False
 
 
 def check(args: list[str]) -> dict:

@@ -26,6 +26,7 @@ METRICS_RE = re.compile(
     rf"grdn:(?P<grad>{_NUM}|nan|inf) lr:(?P<lr>{_NUM}) updt_s:(?P<updt>{_NUM}) data_s:(?P<data>{_NUM})")
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12, "Q": 10**15}
 _TQDM = re.compile(r"^\s*Training:\s+\d+%\|")
+_TQDM_STEP = re.compile(r"\|\s*(\d+)/\d+ \[")     # "...| 3/20 [09:35<51:57, 183.41s/step]"
 _LEVEL = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d{4}-\d\d-\d\d ")
 
 
@@ -81,11 +82,13 @@ def lerobot_command(args: list[str], executable: Path, gpus: int = 1) -> list[st
 def run_lerobot_train(cmd: list[str], env: dict[str, str], log_dir: Path, *, batch_size: int, log_freq: int,
                       start_step: int = 0, on_line: Callable[[str], None] | None = None,
                       on_metrics: Callable[[StepMetrics], None] | None = None,
+                      on_step: Callable[[int], None] | None = None,
                       pid_file: Path | None = None) -> RunResult:
     """Start `cmd`, tee every output line to `log_dir/train-<timestamp>.log` and `on_line`, return at exit.
 
     tqdm's carriage-return progress bar is kept in the file but not passed to `on_line` (it is noise in
-    Prefect's log view; the progress artifact replaces it). The child runs in its own session so a cancel
+    Prefect's log view; the progress artifact replaces it); its step count goes to `on_step`, which hears
+    every step even when log_freq is longer than the run. The child runs in its own session so a cancel
     or crash of this process can kill its whole group.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -109,10 +112,10 @@ def run_lerobot_train(cmd: list[str], env: dict[str, str], log_dir: Path, *, bat
                 *lines, buf = re.split(rb"\r\n|\r|\n", buf)
                 for raw in lines:
                     next_step = _handle(raw.decode("utf-8", "replace"), log, result, batch_size, log_freq,
-                                        next_step, on_line, on_metrics)
+                                        next_step, on_line, on_metrics, on_step)
             if buf:
                 _handle(buf.decode("utf-8", "replace"), log, result, batch_size, log_freq, next_step, on_line,
-                        on_metrics)
+                        on_metrics, on_step)
             proc.wait()
         except BaseException:
             stop_process(proc, timeout=10)
@@ -128,10 +131,12 @@ def run_lerobot_train(cmd: list[str], env: dict[str, str], log_dir: Path, *, bat
 
 
 def _handle(line: str, log, result: RunResult, batch_size: int, log_freq: int, next_step: int,
-            on_line, on_metrics) -> int:
+            on_line, on_metrics, on_step=None) -> int:
     if not line.strip():
         return next_step
     if _TQDM.match(line):
+        if on_step and (t := _TQDM_STEP.search(line)):
+            on_step(int(t[1]))
         m = _LEVEL.search(line)      # a log record printed right after a bar fragment, same physical line
         if not m:
             log.write(line + "\n")

@@ -68,6 +68,7 @@ class TrainPlan(BaseModel):
     recipe: str
     recipe_reason: str
     batch_size: int
+    num_workers: int = 0        # data loader workers: the request's or the recipe's, at most the cores here
     video_backend: str
     free_gib: float | None = None
     lerobot: LerobotEnv         # which lerobot-train, which lerobot version
@@ -217,7 +218,7 @@ def _backbone_weights(policy: dict | None, hub_checkpoints: str, policy_path: Pa
 
 def build_args(*, repo_id: str, root: Path, vb: str | None, policy_type: str, policy_path: Path | None,
                vlm: str | None, device: str, lerobot_dir: Path, run_name: str, req: TrainRequest,
-               batch_size: int, recipe_options: dict[str, OptionValue],
+               batch_size: int, num_workers: int, recipe_options: dict[str, OptionValue],
                options: dict[str, OptionValue]) -> list[str]:
     opts: dict[str, OptionValue] = {"dataset.repo_id": repo_id, "dataset.root": str(root)}
     if vb:
@@ -232,7 +233,7 @@ def build_args(*, repo_id: str, root: Path, vb: str | None, policy_type: str, po
         opts["policy.vlm_model_name"] = vlm
     opts.update({"output_dir": str(lerobot_dir), "job_name": run_name, "steps": req.steps,
                  "batch_size": batch_size, "save_freq": req.save_freq, "log_freq": req.log_freq,
-                 "seed": req.seed, "num_workers": req.num_workers, "wandb.enable": False})
+                 "seed": req.seed, "num_workers": num_workers, "wandb.enable": False})
     opts.update(recipe_options)
     opts.update(options)               # the user's word last
     return [f"--{k}={fmt_value(v)}" for k, v in opts.items()]
@@ -281,7 +282,8 @@ def preflight(req: TrainRequest, settings, *, run_name: str, cuda_probe=gpu_free
     lerobot_dir = output_dir / "lerobot"
     args = dict(repo_id=repo_id, root=root, policy_type=policy_type, policy_path=policy_path, vlm=vlm,
                 device=req.device, lerobot_dir=lerobot_dir, run_name=run_name, req=req,
-                batch_size=recipe.batch_size, recipe_options=recipe.options, options=options)
+                batch_size=recipe.batch_size, num_workers=recipe.num_workers, recipe_options=recipe.options,
+                options=options)
     # lerobot's own parser and validate(), in the lab's environment, on a probe output dir (must not exist)
     probe_dir = _existing_parent(output_dir) / f".conveyor-preflight-{os.getpid()}-does-not-exist"
     answer = lerobot_env.probe(env, build_args(vb=None, **{**args, "lerobot_dir": probe_dir}), OFFLINE_ENV)
@@ -295,6 +297,7 @@ def preflight(req: TrainRequest, settings, *, run_name: str, cuda_probe=gpu_free
     return TrainPlan(request=req, run_name=run_name, output_dir=output_dir, lerobot_dir=lerobot_dir,
                      dataset_root=root, repo_id=repo_id, dataset_version=version, dataset_bytes=size,
                      policy_type=policy_type, vlm_model_name=vlm, recipe=recipe.name,
-                     recipe_reason=recipe.reason, batch_size=recipe.batch_size, video_backend=vb, free_gib=free,
+                     recipe_reason=recipe.reason, batch_size=recipe.batch_size,
+                     num_workers=recipe.num_workers, video_backend=vb, free_gib=free,
                      lerobot=env, lab_versions=answer["versions"], option_notes=notes,
                      args=build_args(vb=vb, **args), env=dict(OFFLINE_ENV), archive_url=archive_url)

@@ -20,9 +20,11 @@ _OPTION_KEY = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*$")
 
 def _no_toggle(kind: str):
     """JSON schema for an optional field as a plain input: Prefect's form shows `anyOf [T, null]` behind a
-    type toggle; an empty input means "not set" (validation still accepts null)."""
+    type toggle; an empty input means "not set". No `default` either: Prefect's parameter validation adds
+    `null` to the type of a property without one (and refuses `null` where a default is given)."""
     def fix(schema: dict) -> None:
         schema.pop("anyOf", None)
+        schema.pop("default", None)
         schema["type"] = kind
     return fix
 
@@ -71,7 +73,8 @@ class TrainRequest(BaseModel):
     recipe: Recipe = Field(
         "auto", title="Memory recipe",
         description="light (GPUs up to 12 GB): 384x384 images, chunk size 10, batch 8, mixed precision. "
-                    "standard (24 GB and more): lerobot defaults, batch 16. auto picks from free GPU memory.")
+                    "standard (24 GB and more): lerobot defaults, batch 16. auto picks from free GPU memory; "
+                    "on CPU it picks a smoke-run recipe (batch 4, no data loader workers).")
     device: Device = Field("cuda", title="Device", description="cuda trains on the GPU; cpu is for smoke tests.")
     gpus: int = Field(1, ge=1, le=16, title="GPUs",
                       description="Number of GPUs; more than 1 runs `accelerate launch`.")
@@ -84,8 +87,10 @@ class TrainRequest(BaseModel):
     log_freq: int = Field(100, ge=1, title="Log every N steps",
                           description="Log loss, gradient norm and learning rate every N steps.")
     seed: int = Field(1000, title="Seed", description="Random seed.")
-    num_workers: int = Field(4, ge=0, le=64, title="Data loader workers",
-                             description="Processes that decode video and load batches.")
+    num_workers: int | None = Field(None, ge=0, le=64, title="Data loader workers",
+                                    json_schema_extra=_no_toggle("integer"),
+                                    description="Processes that decode video and load batches, at most the "
+                                                "cores the run has. Empty: the recipe's (4 on a GPU, 0 on CPU).")
     run_name: str | None = Field(
         None, pattern=RUN_NAME, title="Run name", json_schema_extra=_no_toggle("string"),
         description="Name of the run: its folder and its prefix in object storage. Reusing a name continues "
@@ -108,7 +113,7 @@ class TrainRequest(BaseModel):
                     "They override the recipe. Options conveyor sets itself are refused.")
 
     @field_validator("policy_path", "vlm_model_name", "run_name", "output_dir", "archive_url", "batch_size",
-                     mode="before")
+                     "num_workers", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
         return None if v == "" else v     # an input cleared in the UI form
