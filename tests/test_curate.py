@@ -169,6 +169,7 @@ def test_cli_commands_and_seconds(store, source):
     _ok(store, source)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["staged", "recorded", "renamed:meta/tasks.parquet", "renamed:meta/info.json",
                                    "ledger", "head"])
 def test_sigkill_during_a_drop_leaves_old_or_new(store, source, point):
@@ -206,6 +207,7 @@ def test_curation_takes_the_one_writer_lock(store):
     assert Store.open(store).version.total_episodes == 6
 
 
+@pytest.mark.slow
 def test_curation_racing_an_ingest(source, tmp_path):
     """An ingest and a drop started together: each waits for the other's lock; both land, in some order."""
     more = write_recording(tmp_path / "more", episodes=3, lengths=[30, 30, 30], spec=SPEC)
@@ -310,6 +312,7 @@ def test_show_lists_curated_episodes(store):
     assert r.returncode == 0 and json.loads(r.stdout)["curated"][0]["drop_id"] == 1
 
 
+@pytest.mark.slow
 def test_curate_compact_scrub_backup_restore_and_the_earlier_version(store, source, tmp_path):
     """Curation then compaction, scrub, backup and restore give the exact store; the version published before
     the curation still materializes file for file."""
@@ -348,6 +351,7 @@ def test_curate_compact_scrub_backup_restore_and_the_earlier_version(store, sour
     assert json.loads((Path(m.path) / "meta/info.json").read_text())["total_episodes"] == 6
 
 
+@pytest.mark.slow
 def test_dropping_while_the_watcher_runs(tmp_path):
     """The watcher hands every complete episode to ingest (as the watch flow does); a dropped source episode is
     not brought back, by new episodes landing or by a restarted watcher offering every episode again."""
