@@ -65,8 +65,9 @@ def _v30_nothing_new(src: V30Source, store: str | Path, t0: float) -> IngestRepo
     if not info or int(info["fps"]) != src.fps or comparable_features(info["features"]) != comparable_features(src.features):
         return None
     key = str(src.root)
-    mine = {r.source_episode_index: r for r in s.ledger() if r.source == key}
-    missing = [ep for ep in range(src.saved_episodes()) if ep not in mine]
+    state = s.ledger_state()
+    mine = {r.source_episode_index: r for r in state.records if r.source == key}
+    missing = [ep for ep in range(src.saved_episodes()) if ep not in mine and (key, ep) not in state.dropped]
     if missing and any(closed for _, closed in src.meta_files()):
         return None  # a closed metadata file may hold rows the store lacks
     for ep, r in mine.items():
