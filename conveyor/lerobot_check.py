@@ -49,10 +49,13 @@ def run_lerobot_check(root: Path, todo: list[int], report: ValidationReport) -> 
             report.add("lerobot deep check ran", False,
                        f"exit {proc.returncode}: {last_error_line(proc.stdout.decode(errors='replace'))}")
             return
+        child = json.loads(out.read_text())
         seen = {(c.name, c.ok, c.detail) for c in report.checks}
-        for c in json.loads(out.read_text()):
+        for c in child["checks"]:
             if (c["name"], c["ok"], c["detail"]) not in seen:
                 report.add(c["name"], c["ok"], c["detail"])
+        report.frames_compared += child["frames_compared"]
+        report.pixel_identical += child["pixel_identical"]
 
 
 def last_error_line(output: str) -> str:

@@ -31,7 +31,9 @@ def main(root: str, todo: str, out: str) -> None:
     chk = _Checker(s, None, report)
     check_with_lerobot(s, chk, load_episodes(s.root), json.loads(todo))
     chk.report_unreadable()
-    Path(out).write_text(json.dumps([asdict(c) for c in report.checks]))
+    Path(out).write_text(json.dumps({"checks": [asdict(c) for c in report.checks],
+                                     "frames_compared": report.frames_compared,
+                                     "pixel_identical": report.pixel_identical}))
 
 
 def check_with_lerobot(s: Store, chk: _Checker, rows: list[dict], todo: list[int]) -> None:
@@ -94,6 +96,8 @@ def check_with_lerobot(s: Store, chk: _Checker, rows: list[dict], todo: list[int
         n = len(_sample(row["length"]))
         add(f"episode {e}: lerobot items equal stored data and frames", not bad,
             ", ".join(bad[:5]) if bad else f"{n} items compared, {n * len(chk.video_keys)} frames pixel-identical")
+        chk.report.frames_compared += n
+        chk.report.pixel_identical += 0 if bad else n * len(chk.video_keys)
 
 
 def _culprits(chk: "_Checker", s: Store, row: dict, j: int) -> str:

@@ -136,6 +136,8 @@ class ValidationReport:
     episodes_checked: list[int] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     seconds: float = 0.0
+    frames_compared: int = 0  # store frames whose timestamps (fast) or lerobot items (deep) were checked
+    pixel_identical: int = 0  # sampled frames decoded equal to the source's (fast) or lerobot's (deep)
 
     @property
     def ok(self) -> bool:

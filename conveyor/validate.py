@@ -171,6 +171,7 @@ class _Checker:
             ok = len(seg) == n and np.allclose(times, expect, atol=1e-4, rtol=0)
             add(f"episode {ep}: {key} frames", ok, f"{len(seg)} frames in [{t0:.6f}, "
                 f"{row[f'videos/{key}/to_timestamp']:.6f}) for length {n}")
+            self.report.frames_compared += len(seg)
         # stats equal a recomputation from the stored rows and frames
         recomputed = numeric_stats(data, self.features)
         for key, ft in self.features.items():
@@ -241,6 +242,7 @@ class _Checker:
             b = decode_frames(src_video, [float(sp.pts[rec.start + j] * sp.time_base) for j in picks])
             same = all(np.array_equal(x, y) for x, y in zip(a, b))
             add(f"episode {ep}: {key} frames {picks} pixel-identical to source", same, str(src_video))
+            self.report.pixel_identical += len(picks) if same else 0
 
     # -- whole-store checks ---------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from tasks.datasets import publish_task
 from tasks.review import review_sheet
 from tasks.views import (ingest_run_name, rename_this_run, store_overview, validation_failed,
                          validation_summary)
-from tasks.ingest import (append_episodes, record_version, trigger_training, validate_deep_task,
-                          validate_fast_task)
+from tasks.ingest import append_episodes, record_version, trigger_training
+from tasks.validate import validate_deep_task, validate_fast_task
 
 
 @flow(name="ingest", flow_run_name="ingest-{source}")

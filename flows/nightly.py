@@ -16,7 +16,8 @@ from conveyor.settings import load_settings
 from flows.ingest import ingest
 from conveyor.trigger import training_due
 from tasks.datasets import publish_task
-from tasks.ingest import compact_store, trigger_training, validate_deep_task
+from tasks.ingest import compact_store, trigger_training
+from tasks.validate import validate_deep_task
 from tasks.scrub import scrub_and_repair
 from tasks.views import store_overview
 

@@ -15,33 +15,17 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
 from conveyor.errors import ConveyorError
-from conveyor.reports import ValidationReport
 from conveyor.settings import load_settings
 from conveyor.watcher import EpisodeWatcher
 from flows.ingest import ingest
-from tasks.retry import RETRY
+from tasks.validate import validate_deep_task
 from tasks.views import report_deep_check
 
 _STOP = threading.Event()
-
-
-@task(name="validate-deep", **RETRY)
-def validate_lerobot_task(store_path: Path, episodes: list[int]) -> ValidationReport:
-    """lerobot's own loader on the newly landed episodes (their fast check ran in their ingest run)."""
-    from conveyor.lerobot_check import validate_lerobot
-
-    log = get_run_logger()
-    report = validate_lerobot(Path(store_path), episodes=episodes)
-    for c in report.checks:
-        (log.info if c.ok else log.error)("deep %s: %s %s", c.name, "ok" if c.ok else "FAILED", c.detail)
-    if not report.ok:
-        raise ConveyorError(store_path, "deep validation failed: "
-                            + "; ".join(f"{c.name}: {c.detail}" for c in report.failures))
-    return report
 
 
 def stop_watching() -> None:
@@ -77,7 +61,7 @@ class _DeepChecks:
         for name in [n for n in self.pending if n not in self.running]:
             store, source, eps = self.pending.pop(name)
             self.checking[name] = self.runs.pop(name, [])
-            self.running[name] = validate_lerobot_task.submit(store, eps)
+            self.running[name] = validate_deep_task.submit(store, episodes=eps, lerobot_only=True)
 
     def drain(self) -> None:
         while self.pending or self.running:

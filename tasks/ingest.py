@@ -13,8 +13,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 
 from conveyor import sizing
-from conveyor.errors import ConveyorError
-from conveyor.reports import IngestReport, ValidationReport
+from conveyor.reports import IngestReport
 from conveyor.version import DatasetVersion
 from conveyor.settings import TrainTriggerSettings
 from conveyor.trigger import idempotency_key, render_parameters
@@ -56,36 +55,6 @@ def compact_store(store_name: str, store_path: Path):
 
     with concurrency(store_limit(store_name), occupy=1):
         return compact(Path(store_path), progress=Progress(f"compact-progress-{slug(store_name)}"))
-
-
-def _check(report: ValidationReport, store_path: Path, kind: str) -> ValidationReport:
-    log = get_run_logger()
-    for c in report.checks:
-        (log.info if c.ok else log.error)("%s %s: %s %s", kind, c.name, "ok" if c.ok else "FAILED", c.detail)
-    if not report.ok:
-        detail = "; ".join(f"{c.name}: {c.detail}" for c in report.failures)
-        raise ConveyorError(store_path, f"{kind} validation failed: {detail}")
-    return report
-
-
-@task(name="validate-fast", **RETRY)
-def validate_fast_task(store_path: Path, against: Path | None = None,
-                       episodes: list[int] | None = None) -> ValidationReport:
-    """Cheap structural check of what was just committed (no lerobot import)."""
-    from conveyor.validate import validate_fast
-
-    return _check(validate_fast(Path(store_path), against=against, episodes=episodes),
-                  store_path, "fast")
-
-
-@task(name="validate-deep", **RETRY)
-def validate_deep_task(store_path: Path, against: Path | None = None,
-                       episodes: list[int] | None = None) -> ValidationReport:
-    """Load the new episodes through lerobot's own LeRobotDataset (decodes frames); slow, so its own task."""
-    from conveyor.validate import validate_deep
-
-    return _check(validate_deep(Path(store_path), against=against, episodes=episodes),
-                  store_path, "deep")
 
 
 @task(name="record-version")

@@ -113,15 +113,7 @@ def validation_summary(name: str, commit: int, fast: ValidationReport | None, de
     for kind, r in (("fast", fast), ("deep", deep)):
         if r is None:
             continue
-        frames = sum(int(c.detail.split()[0]) for c in r.checks
-                     if c.name.endswith(" frames") and "lerobot" not in c.name and c.detail[:1].isdigit())
-        pixel = sum(len(m.group(1).split(",")) for c in r.checks
-                    if (m := re.search(r"\[([\d, ]+)\] pixel-identical", c.name)))
-        # lerobot's own items (the deep check): "N items compared, M frames pixel-identical"
-        for c in r.checks:
-            if m := re.fullmatch(r"(\d+) items compared, (\d+) frames pixel-identical", c.detail):
-                frames, pixel = frames + int(m.group(1)), pixel + int(m.group(2))
-        rows.append((kind, r, frames, pixel))
+        rows.append((kind, r, r.frames_compared, r.pixel_identical))
     ok = all(r.ok for _, r, _, _ in rows)
     lines = [f"# Validation of `{name}` commit {commit}: {'PASSED' if ok else 'FAILED'}", "",
              "| check | verdict | checks | episodes | frames compared | pixel-identical samples | seconds |",

@@ -376,3 +376,11 @@ def test_the_verdict_reads_every_healed_file_again(store):
     assert v.line() == f"scrub: 1 file(s) lost: {rel}; affects episodes 1"
     off = scrub_then_repair(store, scrub_with=lambda: scrub(store), repair_with=lambda found: None)
     assert off.line() == f"scrub: 1 file(s) damaged (repair off or no backup): {rel}; affects episodes 1"
+
+
+def test_the_report_counts_the_frames_it_compared(source, one_file_store):
+    """ValidationReport carries the counts the validation artifact shows (no parsing of check names)."""
+    r = validate_fast(one_file_store, against=source)
+    assert r.ok, r.failures
+    assert r.frames_compared == (12 + 9 + 15 + 10) * 2  # every frame's timestamp, both cameras
+    assert r.pixel_identical == 4 * 2 * 3  # 3 sampled frames per episode and camera, equal to the source's
