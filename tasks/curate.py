@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 
 from conveyor.curate_request import CurateRequest
+from conveyor.errors import ConveyorError
 from conveyor.reports import CurationReport
 from tasks.artifacts import slug
 from tasks.limits import store_limit
@@ -37,7 +38,7 @@ def curate_store(store_name: str, store_path: Path, request: CurateRequest,
             try:
                 start, end = curate.parse_frame(request.start, fps), curate.parse_frame(request.end, fps)
             except ValueError as e:
-                raise curate.ConveyorError(store_path, str(e)) from None
+                raise ConveyorError(store_path, str(e)) from None
             report = curate.trim(store_path, episode, start, end, reason=reason, lock_timeout=lock_timeout)
         elif request.action == "retask":
             report = curate.retask(store_path, request.episode_list(), request.task, reason=reason,

@@ -58,9 +58,9 @@ def pictures(text: str) -> list[Image.Image]:
     return out
 
 
-def lab(tmp_path: Path, name: str) -> Path:
+def lab(tmp_path: Path, name: str, extra: str = "") -> Path:
     cfg = tmp_path / "conveyor.toml"
-    cfg.write_text(f'store_root = "stores"\nwork_dir = "work"\n[[sources]]\nname = "{name}"\npath = "rec"\n'
+    cfg.write_text(f'store_root = "stores"\nwork_dir = "work"\n{extra}[[sources]]\nname = "{name}"\npath = "rec"\n'
                    f'task = "pick the cube"\n', encoding="utf-8")
     w = RecordingWriter(tmp_path / "rec", SPEC)
     for ep, n in enumerate(LENGTHS):
@@ -144,7 +144,7 @@ def test_curate_run_waits_for_the_store_slot_commits_and_shows_what_changed(pref
     from flows.curate import curate
 
     name = "curate-src"
-    cfg = lab(tmp_path, name)
+    cfg = lab(tmp_path, name, f'storage_url = "file://{tmp_path / "objects"}"\n')
     store = tmp_path / "stores" / name
     core.ingest(tmp_path / "rec", store)
     before = Store.open(store).version
@@ -189,6 +189,11 @@ def test_curate_run_waits_for_the_store_slot_commits_and_shows_what_changed(pref
     assert art["description"].startswith(f"{name}: drop 2 episode(s): 5 -> 3 episodes")
     [version] = run_artifacts(prefect_api, result["run_id"], "version-curate-src")
     assert f"| commit | {after.commit} |" in version["data"]
+    # published, so the train form's Dataset version `N` finds it on any machine
+    from conveyor.datasets.format import find_version
+    from conveyor.repo import open_repo
+
+    assert find_version(open_repo(f"file://{tmp_path / 'objects'}"), name, str(after.commit)).version == after
 
     # the form as a person fills it: retask with seconds-free text fields, the rest cleared; a new version again
     res = curate(request={"store": name, "action": "retask", **NULLS, "episodes": "0-1", "task": "place the cube"},
