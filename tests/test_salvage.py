@@ -200,3 +200,24 @@ def test_salvage_refuses_a_non_empty_out_and_takes_an_empty_one(sessions, tmp_pa
     assert r.returncode == 0, r.stderr
     assert "4 episodes recovered" in r.stdout and (out / "meta/info.json").is_file()
     assert not list(tmp_path.glob(".out.salvage-*"))
+
+
+@pytest.mark.lerobot
+def test_a_killed_session_lands_in_a_store_through_salvage_then_ingest(sessions, tmp_path):
+    """The killed session as a source holds nothing complete (its files were never closed: ingest waits for
+    it forever); its salvaged folder is a finalized v3.0 source whose recovered episodes land exactly."""
+    from conveyor.validate import validate_fast
+
+    session = sessions / rec.session_name("after_save:4")
+    store, out = tmp_path / "store", tmp_path / "salvaged"
+    r = conveyor("ingest", str(session), str(store))
+    assert r.returncode == 0 and "still being recorded: [0, 1, 2, 3]" in r.stdout and "0 new episode(s)" in r.stdout
+    assert conveyor("salvage", str(session), str(out)).returncode == 0
+    r = conveyor("ingest", str(out), str(store))
+    assert r.returncode == 0 and "4 new episode(s)" in r.stdout, r.stdout + r.stderr
+    assert "0 new episode(s), 4 already" in conveyor("ingest", str(out), str(store)).stdout
+    report = validate_fast(store, against=out)
+    assert report.ok, report
+    rows = pq.ParquetFile(next((store / "data").rglob("*.parquet"))).read()
+    assert rows.column("observation.state").to_pylist() == [
+        rec.frame_values(ep, i)["observation.state"].tolist() for ep in range(4) for i in range(FRAMES)]
