@@ -10,6 +10,12 @@ from typing import Any
 from conveyor.version import DatasetVersion
 
 
+def md_text(text: str) -> str:
+    """Text safe in a markdown artifact, table cell included: Prefect's UI renders raw HTML, so `<run>` would
+    vanish as a tag, and `|` would end the cell. The one markdown escaper (artifacts, views, review sheets)."""
+    return text.replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;")
+
+
 @dataclass
 class EpisodeMapping:
     """Which source episode became which store episode."""

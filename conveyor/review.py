@@ -20,6 +20,7 @@ import numpy as np
 
 from conveyor import layout
 from conveyor.errors import ConveyorError
+from conveyor.reports import md_text
 
 FRAMES = 4  # thumbnails per camera: first, evenly spaced, last
 THUMB_WIDTH = 176  # px
@@ -340,10 +341,10 @@ def markdown_sheet(sheet: Sheet) -> str:
     for c in sheet.cards:
         frames = ", ".join(str(i) for i, _ in next(iter(c.thumbs.values()), []))
         lines += [f"### Episode {c.episode_index} · {c.length} frames, {c.seconds:.1f} s · came in {_came_in(c)}",
-                  "", f"Task: {_md(_task_text(c))} · {', '.join(c.thumbs) or 'no camera'} at frames {frames or '-'}"
+                  "", f"Task: {md_text(_task_text(c))} · {', '.join(c.thumbs) or 'no camera'} at frames {frames or '-'}"
                   + (f" · trimmed: source frames {c.source_start}-{c.source_start + c.length - 1}"
                      if c.source_start else ""), ""]
-        lines += [f"**{_md(p)}**" for p in c.problems] + ([""] if c.problems else [])
+        lines += [f"**{md_text(p)}**" for p in c.problems] + ([""] if c.problems else [])
         pics = [contact_sheet(c), c.plot]
         lines += [f"![{p.alt}]({p.uri()})\n" for p in pics if p is not None]
     return "\n".join(lines) + "\n"
@@ -372,5 +373,3 @@ def contact_sheet(card: Card, gap: int = 2) -> Picture | None:
     return Picture("image/jpeg", buf.getvalue(), f"episode {card.episode_index}: {', '.join(card.thumbs)}")
 
 
-def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;")

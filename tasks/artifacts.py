@@ -8,7 +8,7 @@ import time
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
-from conveyor.reports import IngestReport
+from conveyor.reports import IngestReport, md_text
 from conveyor.version import DatasetVersion
 
 
@@ -34,11 +34,11 @@ def quarantine_summary(name: str, report: IngestReport) -> None:
     lines = [f"# Quarantined episodes of `{name}` (`{report.source}`)", "",
              "The source files are untouched; fix or re-record them, the next ingest picks them up.", "",
              "| source episode | reason |", "| --- | --- |"]
-    lines += [f"| {q.source_episode_index} | {_cell(q.reason)} |" for q in report.quarantined]
+    lines += [f"| {q.source_episode_index} | {md_text(q.reason)} |" for q in report.quarantined]
     if report.changed:
         lines += ["", "## Already ingested, but the source changed since", "",
                   "| source episode | detail |", "| --- | --- |"]
-        lines += [f"| {q.source_episode_index} | {_cell(q.reason)} |" for q in report.changed]
+        lines += [f"| {q.source_episode_index} | {md_text(q.reason)} |" for q in report.changed]
     create_markdown_artifact("\n".join(lines), key=f"quarantine-{slug(name)}",
                              description=f"{len(report.quarantined)} quarantined episode(s) in {name}")
 
@@ -52,8 +52,6 @@ def version_record(store_name: str, store_path: str, version: DatasetVersion) ->
                              description=f"{store_name} at commit {version.commit}")
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 class Progress:

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.actions import ArtifactCreate
 from prefect.runtime import flow_run
 
-from conveyor.reports import IngestReport, ValidationReport
+from conveyor.reports import IngestReport, ValidationReport, md_text
 from tasks.artifacts import slug
 
 
@@ -26,9 +26,6 @@ def png_markdown(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
 
 
-def md_text(text: str) -> str:
-    """Text safe in a markdown cell: the UI renders raw HTML, so `<run>` would vanish as a tag."""
-    return text.replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def fresh_start_command(program: str, args: list[str]) -> str:

@@ -421,3 +421,14 @@ def test_config_dump_becomes_one_artifact(prefect_api):
     assert rows["policy.dim_model"] == "512" and rows["dataset.image_transforms.max_num_transforms"] == "3"
     assert rows["dataset.root"] == "'/data/stores/koch'" and len(rows) == 12
     assert rows["policy.normalization_mapping.VISUAL"] == "'MEAN_STD'"  # lerobot prints enum members
+
+
+def test_one_markdown_escaper_for_every_artifact():
+    """Quarantine reasons, validation failures, review sheets: one escaper, which keeps `<run>` and `|` text."""
+    import conveyor.review
+    import tasks.artifacts
+    import tasks.views
+    from conveyor.reports import md_text
+
+    assert tasks.artifacts.md_text is tasks.views.md_text is conveyor.review.md_text is md_text
+    assert md_text("bad <run> | x\ny") == "bad &lt;run&gt; \\| x y"
