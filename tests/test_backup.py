@@ -332,11 +332,14 @@ def test_flow_one_failing_target_does_not_stop_the_others(prefect_server, tmp_pa
     assert SECRET not in logs and SECRET not in json.dumps(rows)
 
 
+@pytest.mark.slow  # 7 s (file://) and 12-20 s (S3 through a slowed proxy) on a busy machine
 def test_prune_removes_what_a_killed_backup_left(backend, tmp_path, s3_endpoint):
     """kill -9 mid-upload leaves `locks/<writer>.json` and a temporary object (file://: `.tmp/<id>.<pid>.<host>`;
     S3: an unfinished multipart upload). prune removes the lock at once (same host, pid gone) and the temporary
     objects: file:// ones at once (they name their writer), multipart uploads once older than TMP_STALE_S."""
-    folder = random_folder(tmp_path / "f", small=5, big=8, big_mb=6)
+    # file://: big files, so each one's temporary copy lives long enough to be seen; S3: a slowed proxy
+    folder = random_folder(tmp_path / "f", small=5, **(dict(big=5, big_mb=24) if backend == "file" else
+                                                       dict(big=8, big_mb=6)))
     cfg = tmp_path / "conveyor.toml"
     proxy = None
     if backend == "file":
