@@ -5,9 +5,7 @@ sources), never linked as files: the viewer's browser is often on another machin
 """
 from __future__ import annotations
 
-import ast
 import base64
-import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +17,7 @@ from prefect.client.schemas.actions import ArtifactCreate
 from prefect.runtime import flow_run
 
 from conveyor.reports import IngestReport, ValidationReport, md_text
+from conveyor.training.lerobot_log import ConfigDump as LerobotConfigDump
 from tasks.artifacts import slug
 
 
@@ -134,17 +133,19 @@ def validation_failed(name: str, commit: int, error: BaseException, flow_run_id:
               f"# Validation of `{name}` commit {commit}: FAILED\n\n{md_text(str(error))}\n", flow_run_id)
 
 
-def report_deep_check(name: str, future, ingest_runs: list[str], log) -> None:
-    """Put a finished deep check's verdict on each ingest run whose episodes it covered."""
+def report_deep_check(name: str, future, ingest_runs: list[tuple[str, int]], log) -> None:
+    """Put a finished deep check's verdict on each ingest run whose episodes it covered, under the commit
+    that run made (the check reads the store as it is by then, often a later commit)."""
     try:
         if future.state.is_completed():
             r = future.result()
-            for run in ingest_runs:
-                validation_summary(name, r.version.commit if r.version else 0, None, r,
-                                   "Deep check run by the watch flow for the episodes of this run.", run)
+            seen = f" (the store was at c{r.version.commit} when checked)" if r.version else ""
+            for run, commit in ingest_runs:
+                validation_summary(name, commit, None, r,
+                                   f"Deep check run by the watch flow for the episodes of this run{seen}.", run)
         else:
-            for run in ingest_runs:
-                validation_failed(name, 0, RuntimeError(future.state.message or "deep check failed"), run)
+            for run, commit in ingest_runs:
+                validation_failed(name, commit, RuntimeError(future.state.message or "deep check failed"), run)
     except Exception as e:  # noqa: BLE001 - a display must never stop the watcher
         log.warning("%s: deep check verdict not attached to the ingest run: %s", name, e)
 
@@ -166,74 +167,15 @@ def loss_markdown(png_path: str | Path, title: str) -> str:
     return png_markdown(p.read_bytes(), title) if p.is_file() else ""
 
 
-_NEW_RECORD = re.compile(r"^(?:\x1b\[[0-9;]*m)*(?:INFO|DEBUG|WARNING|ERROR|CRITICAL) .*\d{4}-\d\d-\d\d \d\d:")
-_LOG_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*(?:INFO|DEBUG|WARNING)\b.*?\s(\{'.*)$")
-
-
-class ConfigDump:
-    """Passes lerobot-train's output lines on, except its config dump (one `pformat(cfg.to_dict())` of
-    ~120 lines), which becomes one table artifact of `option = value` rows instead."""
-
-    MAX_LINES = 1000
+class ConfigDump(LerobotConfigDump):
+    """lerobot-train's output lines, passed on, except its config dump, which becomes one table artifact
+    (`train-config-<run>`) of `option = value` rows (the parsing: conveyor/training/lerobot_log.py)."""
 
     def __init__(self, run_name: str, on_line: Callable[[str], None]):
-        self.run_name, self.on_line = run_name, on_line
-        self.lines: list[str] | None = None
-        self.head = ""
-        self.published = False
+        super().__init__(on_line, self._publish)
+        self.run_name = run_name
 
-    def __call__(self, line: str) -> None:
-        if self.lines is not None and (_NEW_RECORD.match(line) or len(self.lines) > self.MAX_LINES):
-            self._give_back()  # a new log record before the dump parsed: it was not one
-        if self.lines is None:
-            m = None if self.published else _LOG_PREFIX.match(line)
-            if not m:
-                self.on_line(line)
-                return
-            self.head, self.lines = line, [m.group(1)]
-        else:
-            self.lines.append(line)
-        try:
-            cfg = ast.literal_eval(_literal("\n".join(self.lines)))
-        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
-            return
-        self.lines = None
-        if not isinstance(cfg, dict):
-            self.on_line(self.head)
-            return
-        self.published = True
-        rows = [{"option": k, "value": v} for k, v in _flatten(cfg)]
-        try:
-            create_table_artifact(rows, key=f"train-config-{slug(self.run_name)}",
-                                  description=f"{self.run_name}: lerobot-train configuration ({len(rows)} options)")
-            self.on_line(f"lerobot-train configuration ({len(rows)} options): see the train-config artifact")
-        except Exception:  # noqa: BLE001 - a display must never stop training
-            self.on_line(self.head)
-
-
-    def _give_back(self) -> None:
-        lines, self.lines = self.lines or [], None
-        if lines:
-            self.on_line(self.head)
-            for ln in lines[1:]:
-                self.on_line(ln)
-
-
-def _literal(text: str) -> str:
-    """pformat output as a Python literal: enum members (`<NormalizationMode.MEAN_STD: 'MEAN_STD'>`) become
-    their value, paths (`PosixPath('/x')`) their text, other `<...>` reprs a string."""
-    text = re.sub(r"<[A-Za-z_][\w.]*: ('[^'<>]*'|\"[^\"<>]*\"|[^<>'\"]*)>",
-                  lambda m: m.group(1) if m.group(1)[:1] in "'\"" else repr(m.group(1)), text)
-    text = re.sub(r"\b\w*Path\(('[^']*'|\"[^\"]*\")\)", r"\1", text)
-    return re.sub(r"<[^<>'\"\n]*>", lambda m: repr(m.group(0)), text)
-
-
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out += _flatten(v, key + ".")
-        else:
-            out.append((key, repr(v) if isinstance(v, str) else str(v)))
-    return out
+    def _publish(self, rows: list[dict]) -> str:
+        create_table_artifact(rows, key=f"train-config-{slug(self.run_name)}",
+                              description=f"{self.run_name}: lerobot-train configuration ({len(rows)} options)")
+        return f"lerobot-train configuration ({len(rows)} options): see the train-config artifact"
