@@ -144,8 +144,14 @@ def with_quantiles(features: dict, stats: dict[str, st.Stats], qs: dict[str, np.
 
 # -- the committed values ---------------------------------------------------------------------------------
 
+def _key(rel: str) -> int:
+    return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big")
+
+
 def data_digest(rels: Iterable[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(rels)).encode()).hexdigest()
+    """An order-free digest of a set of data files (a sum of their names' hashes), so a commit can move it by
+    the files it adds and removes without listing the store's other files."""
+    return f"{sum(_key(r) for r in set(rels)) % 2**64:016x}"
 
 
 def _committed_data(manifest: dict) -> list[str]:
@@ -169,16 +175,21 @@ def load_values(root: Path, features: dict) -> tuple[np.ndarray, np.ndarray, dic
 
 
 def _current(store: Store, features: dict, frames: int, manifest: dict | None = None
-             ) -> tuple[np.ndarray, np.ndarray] | None:
-    """The committed values if they cover exactly the committed data files and `frames` rows."""
+             ) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """(base, delta, data digest) as committed, if they cover exactly the committed data files and `frames`
+    rows. Written by the commit at HEAD: current without reading the manifest (thousands of entries cost ms
+    per append); else the digest must match the committed data files."""
     got = load_values(store.root, features)
     if got is None:
         return None
     base, delta, index = got
-    manifest = store.manifest() if manifest is None else manifest
-    if index["data_digest"] != data_digest(_committed_data(manifest)) or base.shape[1] + delta.shape[1] != frames:
+    if base.shape[1] + delta.shape[1] != frames:
         return None
-    return base, delta
+    if index.get("commit_id") != store.version.commit_id:
+        manifest = store.manifest() if manifest is None else manifest
+        if index["data_digest"] != data_digest(_committed_data(manifest)):
+            return None
+    return base, delta, index["data_digest"]
 
 
 def is_current(store: Store, features: dict) -> bool:
@@ -187,34 +198,32 @@ def is_current(store: Store, features: dict) -> bool:
 
 
 def _write(tx: Commit, features: dict, base: np.ndarray, delta: np.ndarray, *, base_changed: bool,
-           manifest: dict) -> None:
+           digest: str) -> None:
     """Stage the delta (and the base, when it changed: a fold or a rebuild) and the index through the commit;
-    an empty array's file is removed. `manifest`: the committed one (read once: ~3,000 entries cost ms)."""
-    had = set(manifest)
+    an empty array's file is removed. `digest`: the committed data files' digest, moved here by the data files
+    this commit adds and removes (call once they are staged)."""
+    root = tx.store.root
     for rel, arr, changed in ((BASE, base, base_changed), (DELTA, delta, True)):
         if not changed:
             continue
         if arr.shape[1] == 0:
-            if rel in had:
+            if (root / rel).exists():
                 tx.delete([rel])
             continue
         with open(tx.path(rel), "wb") as f:
             np.save(f, np.ascontiguousarray(arr))
         tx.staged(rel)
+    added = {r for r in tx.add if layout.kind_of(r) == "data" and not (root / r).exists()}
+    removed = {r for r in tx.remove if layout.kind_of(r) == "data"}
+    moved = (int(digest, 16) + sum(map(_key, added)) - sum(map(_key, removed))) % 2**64
     index = {"columns": numeric_columns(features), "base": base.shape[1], "delta": delta.shape[1],
-             "data_digest": data_digest(_data_after(tx, manifest))}
+             "data_digest": f"{moved:016x}", "commit_id": tx.id}
     tx.write(INDEX, json.dumps(index).encode())
 
 
 def _path_of(tx: Commit) -> Callable[[str], Path]:
     """A data file as this commit will leave it: staged in it, else committed."""
     return lambda rel: tx.dir / rel if rel in tx.add else tx.store.root / rel
-
-
-def _data_after(tx: Commit, manifest: dict) -> list[str]:
-    """The data files committed once `tx` is applied (call after its data files are staged)."""
-    gone = set(tx.remove)
-    return [r for r in _committed_data(manifest) if r not in gone] + [r for r in tx.add if layout.kind_of(r) == "data"]
 
 
 # -- entry points -----------------------------------------------------------------------------------------
@@ -234,7 +243,7 @@ def version_stats(tx: Commit, features: dict, rows: list[dict], aggregated: dict
     if base is None or base.shape[1] != sum(r["length"] for r in rows):
         base = episode_values(features, rows, _path_of(tx))
         base.sort(axis=1)
-    _write(tx, features, base, base[:, :0], base_changed=True, manifest=manifest)
+    _write(tx, features, base, base[:, :0], base_changed=True, digest=data_digest(_committed_data(manifest)))
     return with_quantiles(features, aggregated, exact_quantiles(base, base[:, :0]))
 
 
@@ -253,7 +262,7 @@ def _edited(tx: Commit, features: dict, manifest: dict) -> np.ndarray | None:
     live = sum(manifest[r].size for r in _committed_data(manifest) if r not in set(gone)) + sum(tx.add[r].size for r in new)
     if changed > live / 2:
         return None
-    values = np.sort(np.concatenate(cur, axis=1), axis=1, kind="stable")
+    values = np.sort(np.concatenate(cur[:2], axis=1), axis=1, kind="stable")
     if gone:
         values = _without(values, np.sort(_file_values(features, [s.root / r for r in gone]), axis=1))
         if values is None:
@@ -290,22 +299,21 @@ def appended_stats(tx: Commit, features: dict, aggregated: dict[str, st.Stats], 
     quantiles over the committed values plus `new` ((D, n) arrays from `table_values`): O(new + delta) work.
     A store without current values (made before them, or changed without them) is read once from its data."""
     s = tx.store
-    manifest = s.manifest()
     width = sum(w for _, w in numeric_columns(features))
     added = np.concatenate(new, axis=1) if new else np.empty((width, 0))
-    cur = _current(s, features, frames_before, manifest) if frames_before else (added[:, :0], added[:, :0])
+    cur = _current(s, features, frames_before) if frames_before else (added[:, :0], added[:, :0], data_digest([]))
     rebuilt = cur is None
     if rebuilt:
         from conveyor.episodes import load_episodes  # noqa: PLC0415 - only for a store without current values
 
         old = episode_values(features, load_episodes(s.root), lambda rel: s.root / rel)
-        cur = (np.sort(old, axis=1), old[:, :0])
-    base, delta = cur
+        cur = (np.sort(old, axis=1), old[:, :0], data_digest(_committed_data(s.manifest())))
+    base, delta, digest = cur
     delta = np.sort(np.concatenate([delta, added], axis=1), axis=1, kind="stable")
     fold = rebuilt or delta.shape[1] > FOLD_FRACTION * base.shape[1]
     if fold:
         base, delta = np.sort(np.concatenate([base, delta], axis=1), axis=1, kind="stable"), delta[:, :0]
-    _write(tx, features, base, delta, base_changed=fold, manifest=manifest)
+    _write(tx, features, base, delta, base_changed=fold, digest=digest)
     return with_quantiles(features, aggregated, exact_quantiles(base, delta))
 
 
@@ -320,7 +328,7 @@ def recomputed_stats(store: Store, features: dict, aggregated: dict[str, st.Stat
         values = episode_values(features, rows, lambda rel: store.root / rel)
         values.sort(axis=1)
         cur = (values, values[:, :0])
-    return with_quantiles(features, aggregated, exact_quantiles(*cur))
+    return with_quantiles(features, aggregated, exact_quantiles(*cur[:2]))
 
 
 def aggregate_rows(features: dict, rows: list[dict]) -> dict[str, st.Stats]:
