@@ -54,6 +54,8 @@ def salvage(session: str | Path, out: str | Path, data_mb: float = sizing.DATA_M
         raise ConveyorError(out, f"is inside the session {session}: the session is never written to")
     s = read_session(session)
     report = SalvageReport(session, out, quarantined=dict(s.quarantined), notes=list(s.notes))
+    if s.finalized:
+        report.notes.append("the session was finalized (every file closed): nothing was missing, OUT is a copy")
     if not s.episodes:
         raise ConveyorError(session, "no episode is recoverable: "
                             + "; ".join(f"{i}: {w}" for i, w in sorted(s.quarantined.items())))
@@ -66,10 +68,7 @@ def salvage(session: str | Path, out: str | Path, data_mb: float = sizing.DATA_M
         os.replace(part, out)
     finally:
         shutil.rmtree(part, ignore_errors=True)
-    first = 0
-    for new, e in enumerate(s.episodes):
-        report.recovered.append((e.index, new, e.rows.num_rows))
-        first += e.rows.num_rows
+    report.recovered = [(e.index, new, e.rows.num_rows) for new, e in enumerate(s.episodes)]
     return report
 
 
