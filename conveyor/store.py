@@ -556,7 +556,6 @@ class Store:
                 _drop_empty_parents(where.parent, self.root)
             shutil.rmtree(self.root / layout.RETAINED / f"{n:08d}", ignore_errors=True)
             done = n
-        else:
-            done = max(done, self.version.commit)
-        write_atomic(self.root / layout.VACUUMED, str(done).encode(), fsync=False)
+        if done != _read_int(self.root / layout.VACUUMED):  # written only when something was cleared
+            write_atomic(self.root / layout.VACUUMED, str(done).encode(), fsync=False)
         return files, size
