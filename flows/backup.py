@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, mask_userinfo
 from conveyor.settings import Settings, load_settings
 from conveyor.store import is_store
 from tasks.backup import DELAYS, apply_retention, backup_target, verify_snapshot
@@ -74,7 +74,7 @@ def backup(config: str | None = None, url: str | None = None, targets: list[str]
             failed.append(f"retention: {p.result(raise_on_failure=False)}")
     create_table_artifact(table=rows, key="backup",
                           description=f"{len(plan) - len([r for r in rows if r['status'] != 'ok'])} of {len(plan)} "
-                                      f"target(s) backed up to {url}")
+                                      f"target(s) backed up to {mask_userinfo(url)}")
     if failed:
         log.error("backup failed (%d problem(s)): %s", len(failed), " | ".join(failed))
         raise RuntimeError(f"backup failed ({len(failed)} problem(s)): " + " | ".join(failed))
