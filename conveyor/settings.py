@@ -21,7 +21,8 @@ DEFAULT_CONFIG = Path("conveyor.toml")
 
 
 class _Table(BaseModel):
-    """A `[table]` of conveyor.toml: an unknown key is a typo, refused (a lab must not run on defaults it never chose)."""
+    """A `[table]` of conveyor.toml: an unknown key is a typo, refused (a lab must not run on defaults it never
+    chose)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -121,8 +121,8 @@ def test_credentials_in_a_url_are_masked_everywhere_it_is_printed(tmp_path):
     url = f"s3://AKIAX:{URL_SECRET}@bucket/x"
     convert(write_recording(tmp_path / "rec", episodes=1, lengths=4), tmp_path / "stores" / "p4")
     cfg = tmp_path / "conveyor.toml"
-    cfg.write_text(f'store_root = "stores"\nstorage_url = "{url}"\n[prefect]\napi_url = "http://u:{URL_SECRET}@h/api"\n',
-                   encoding="utf-8")
+    cfg.write_text(f'store_root = "stores"\nstorage_url = "{url}"\n'
+                   f'[prefect]\napi_url = "http://u:{URL_SECRET}@h/api"\n', encoding="utf-8")
     env = dict(os.environ, CONVEYOR_CONFIG=str(cfg))
     for args in (["backup", "p4", "--to", url], ["backup", "p4"], ["backup", "verify", url + "@latest"],
                  ["backup", "verify", f"s3://AKIAX:{URL_SECRET}@bucket"], ["backup", "prune", url],
