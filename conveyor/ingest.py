@@ -212,7 +212,9 @@ def plan_from_ledger(src: V21Source, s: Store, task, data_mb, video_mb, max_epis
     report.changed = [_quarantined(src, ep, f"content changed after it was ingested as store episode "
                                             f"{r.episode_index}")
                       for ep, r in sorted(mine.items()) if src.changed_since(ep, r.files, r.content_hash)]
-    seen = {r.content_hash: (r.episode_index, r.source, r.source_episode_index) for r in state.records}
+    # content the store holds, or held until a curation dropped it (store episode -1): not added again
+    seen = {r.content_hash: (-1, r.source, r.source_episode_index) for r in state.dropped.values()}
+    seen |= {r.content_hash: (r.episode_index, r.source, r.source_episode_index) for r in state.records}
     known = {} if allow_duplicates else known_duplicates(s.root, source_key, set(seen))
     known = {ep: d for ep, d in known.items() if ep not in mine and _fingerprint(src, ep) == d[1]}
     report.duplicates = [d for d, _ in known.values()]

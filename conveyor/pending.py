@@ -37,7 +37,7 @@ def nothing_new(source: str | Path | V21Source | V30Source, store: str | Path) -
     state = s.ledger_state()
     mine = {r.source_episode_index: r for r in state.records if r.source == key}
     records = src.episode_records()
-    dups = known_duplicates(root, key, {r.content_hash for r in state.records})  # same content, other path
+    dups = known_duplicates(root, key, {r.content_hash for r in [*state.records, *state.dropped.values()]})
     if set(records) - set(mine) - set(dups) - {ep for k, ep in state.dropped if k == key}:  # dropped: not new
         return None
     for ep, files in [(ep, r.files) for ep, r in mine.items()] + [(ep, d[1]) for ep, d in dups.items()]:

@@ -47,12 +47,16 @@ class Duplicate:
     source: str
     source_episode_index: int
     content_hash: str
-    store_episode_index: int  # the store episode that holds this content
+    store_episode_index: int  # the store episode that holds this content (-1: one a curation dropped)
     store_source: str  # where that one came from
     store_source_episode_index: int
 
     @property
     def reason(self) -> str:
+        if self.store_episode_index < 0:
+            return (f"{self.source} episode {self.source_episode_index} has the content of "
+                    f"{self.store_source} episode {self.store_source_episode_index}, which a curation dropped "
+                    "from the store; not added again (undrop that one to bring it back)")
         return (f"{self.source} episode {self.source_episode_index} is already in the store as episode "
                 f"{self.store_episode_index}, ingested from {self.store_source} episode "
                 f"{self.store_source_episode_index} (same content); not added again")

@@ -76,3 +76,20 @@ def test_a_copied_recording_does_not_duplicate_episodes(tmp_path):
     assert p.returncode == 0 and "10 new episode(s), 6 already in store" in p.stdout
     assert Store.open(store).version.total_episodes == 26
     assert json.loads((store / DUPLICATES).read_text()) == {}
+
+
+def test_a_copy_of_a_dropped_episode_does_not_bring_it_back(tmp_path):
+    """Curation dropped store episode 0 (from the copy); the original's episode 0 has the same content."""
+    from conveyor import curate
+
+    rec = write_recording(tmp_path / "rec", episodes=4, lengths=5)
+    copy = copy_first(rec, tmp_path / "elsewhere" / "copy", 2)
+    store = tmp_path / "S"
+    assert conveyor("convert", str(copy), str(store)).returncode == 0
+    curate.drop(store, [0], "blurry camera")
+    p = conveyor("ingest", str(rec), str(store))
+    assert p.returncode == 0, p.stderr
+    assert "2 new episode(s), 0 already in store, 2 already present from another path" in p.stdout
+    assert f"{rec} episode 0 has the content of {copy} episode 0, which a curation dropped" in p.stdout
+    assert Store.open(store).version.total_episodes == 3
+    assert conveyor("ingest", str(rec), str(store)).stdout.count("already present:") == 2  # fast path too
