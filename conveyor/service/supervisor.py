@@ -10,7 +10,10 @@ is gone is marked crashed and replaced. Shutdown goes the other way: cancel the 
 carrying this run's marker in its environment (flow-run processes live in their own sessions, so killing
 a worker's process group does not reach them).
 
-Talks to Prefect through its CLI and REST API only (no `import prefect`), like any other client.
+Talks to Prefect through Prefect's own client (`SyncPrefectClient`: concurrency limits, deployments,
+automations), its CLI (work pools, `prefect deploy`), and, for the watch run it keeps alive, the small REST helper
+`api()` below: the supervise loop runs across `_restart_server`, and `api()` retries refused connections with
+backoff while the server comes back.
 """
 from __future__ import annotations
 
@@ -214,15 +217,20 @@ class Supervisor:
                                                       if len(wanted) < len(POOLS) else "")
                  + f"; workers here: {', '.join(self.pools)}")
 
+    def _client(self):
+        """Prefect's own client against this `up`'s server (imported here, once the server is healthy: the prefect
+        import costs seconds that `conveyor up --help` and the server start need not wait for)."""
+        from prefect.client.orchestration import SyncPrefectClient
+
+        return SyncPrefectClient(self.api_url)
+
     def _create_limits(self) -> None:
         """One global concurrency limit (1 slot) per store: one writer at a time across all workers."""
         from tasks.limits import store_limit
 
-        for s in self._sources():
-            status, body = api(self.api_url, "POST", "/v2/concurrency_limits/", {"name": store_limit(s.name),
-                                                                                "limit": 1})
-            if status not in (200, 201, 409):
-                raise ConveyorError(f"concurrency limit {store_limit(s.name)}", f"HTTP {status}: {body}")
+        with self._client() as client:
+            for s in self._sources():
+                client.upsert_global_concurrency_limit_by_name(store_limit(s.name), 1)
 
     def _deploy(self) -> None:
         """Register prefect.yaml's deployments, with this checkout as the pull directory and the nightly and
@@ -260,41 +268,62 @@ class Supervisor:
         prefect.yaml deployed by hand) is served by no `conveyor up` worker. On this `up`'s own server it is a
         leftover: removed, and said so; on a shared server it is named, with how to delete it. Deployments on
         another machine's queue are that machine's, even on this `up`'s server (another PC may have joined it)."""
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
+        from prefect.exceptions import ObjectNotFound
+
         flows = sorted({_flow(d) for d in kept if machine_queue(self.settings, d["work_pool"]["name"])})
         machine = self.settings.prefect.machine
-        status, deps = api(self.api_url, "POST", "/deployments/filter",
-                           {"flows": {"name": {"any_": flows}}, "work_pools": {"name": {"any_": ["cpu"]}}})
-        status_f, found = api(self.api_url, "POST", "/flows/filter", {"flows": {"name": {"any_": flows}}})
-        flow_of = {f["id"]: f["name"] for f in found} if status_f == 200 else {}
-        for d in deps if status == 200 else []:
-            if (d.get("work_queue_name") or "default") != "default":
-                continue
-            name = f"{flow_of.get(d['flow_id'], '?')}/{d['name']}"
-            if not self.joined and api(self.api_url, "DELETE", f"/deployments/{d['id']}")[0] in (200, 204):
-                self.out(f"deployment {name} removed: replaced by {flow_of.get(d['flow_id'], '?')}/{machine}")
-            else:
-                self.out(f"note: deployment {name} sends its runs to pool cpu's default queue, which no "
-                         "`conveyor up` worker polls (each takes its own machine's queue); delete it with "
-                         f"`prefect deployment delete {name}`")
+        by_flow = FlowFilter(name=FlowFilterName(any_=flows))
+        with self._client() as client:
+            deps = client.read_deployments(flow_filter=by_flow,
+                                           work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=["cpu"])))
+            flow_of = {f.id: f.name for f in client.read_flows(flow_filter=by_flow)}
+            for d in deps:
+                if (d.work_queue_name or "default") != "default":
+                    continue
+                flow = flow_of.get(d.flow_id, "?")
+                name = f"{flow}/{d.name}"
+                removed = False
+                if not self.joined:
+                    try:
+                        client.delete_deployment(d.id)
+                        removed = True
+                    except ObjectNotFound:
+                        pass
+                if removed:
+                    self.out(f"deployment {name} removed: replaced by {flow}/{machine}")
+                else:
+                    self.out(f"note: deployment {name} sends its runs to pool cpu's default queue, which no "
+                             "`conveyor up` worker polls (each takes its own machine's queue); delete it with "
+                             f"`prefect deployment delete {name}`")
 
     def _create_rescue(self) -> None:
         """A Prefect automation: a `train` run whose heartbeats stop (its machine died, its worker was
         killed) goes back to Scheduled as AwaitingRetry, so any worker of the pool takes it up again and
         resumes from the run's newest archived checkpoint. Replaced on every start (the deployment id may
         have changed)."""
-        status, dep = api(self.api_url, "GET", "/deployments/name/train/train")
-        if status != 200:
-            return
-        status, found = api(self.api_url, "POST", "/automations/filter", {"automations": {"name": {"any_": [RESCUE]}}})
-        for a in found if status == 200 else []:
-            api(self.api_url, "DELETE", f"/automations/{a['id']}")
+        from prefect.events.schemas.automations import AutomationCore
+        from prefect.exceptions import ObjectNotFound
+
+        with self._client() as client:
+            try:
+                dep = client.read_deployment_by_name("train/train")
+            except ObjectNotFound:
+                return
+            for a in client.read_automations_by_name(RESCUE):
+                client.delete_automation(a.id)
+            client.create_automation(AutomationCore.model_validate(self._rescue_body(dep.id)))
+        self.out(f"automation: {RESCUE} (no heartbeat for {RESCUE_AFTER_S} s; heartbeat every {HEARTBEAT_SECONDS} s)")
+
+    @staticmethod
+    def _rescue_body(deployment_id) -> dict:
         ended = ["Completed", "Failed", "Cancelled", "Crashed", "Cancelling", "Scheduled", "Paused"]
         body = {"name": RESCUE, "enabled": True,
                 "description": f"A train run without a heartbeat for {RESCUE_AFTER_S} s lost its machine: "
                                "schedule it again (it resumes from its newest archived checkpoint).",
                 "trigger": {"type": "event", "posture": "Proactive",
                             "match": {"prefect.resource.id": "prefect.flow-run.*"},
-                            "match_related": {"prefect.resource.id": f"prefect.deployment.{dep['id']}",
+                            "match_related": {"prefect.resource.id": f"prefect.deployment.{deployment_id}",
                                               "prefect.resource.role": "deployment"},
                             "after": ["prefect.flow-run.heartbeat"],
                             "expect": ["prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in ended)],
@@ -302,10 +331,7 @@ class Supervisor:
                 "actions": [{"type": "change-flow-run-state", "state": "SCHEDULED", "name": "AwaitingRetry",
                              "message": f"no heartbeat for {RESCUE_AFTER_S} s: its machine or worker is gone; "
                                         "rescheduled", "force": True}]}
-        status, made = api(self.api_url, "POST", "/automations/", body)
-        if status not in (200, 201):
-            raise ConveyorError(f"automation {RESCUE!r}", f"could not be created: HTTP {status} {made}")
-        self.out(f"automation: {RESCUE} (no heartbeat for {RESCUE_AFTER_S} s; heartbeat every {HEARTBEAT_SECONDS} s)")
+        return body
 
     def _start_worker(self, pool: str) -> None:
         with open(self.home / f"worker-{pool}.log", "ab") as log:
