@@ -451,21 +451,28 @@ class Store:
             return
         build = staging / ".swap" / folder
         build.mkdir(parents=True, exist_ok=True)
-        for name in have - gone:
-            if not (build / name).exists():
-                os.link(live / name, build / name)
         for name in new:
             if (staging / folder / name).exists():
                 os.replace(staging / folder / name, build / name)
+        try:
+            for name in have - gone:
+                if not (build / name).exists():
+                    os.link(live / name, build / name)
+            linked = True
+        except OSError as e:  # a filesystem without hard links
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            linked = False
         fsync_dir(build)
         if not live.is_dir():
             live.parent.mkdir(parents=True, exist_ok=True)
             os.replace(build, live)
-        elif not _exchange(build, live):  # a filesystem without RENAME_EXCHANGE: move out, then in
+        elif not linked or not _exchange(build, live):  # no RENAME_EXCHANGE (or links): move out, then in
             for name in gone & have:
                 _move(live / name, retained / folder / name)
             for name in new:
-                os.replace(build / name, live / name)
+                if (build / name).exists():
+                    os.replace(build / name, live / name)
             shutil.rmtree(build, ignore_errors=True)
             fsync_dir(live)
             return
