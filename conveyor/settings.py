@@ -134,7 +134,7 @@ class PrefectSettings(_Table):
     worker_query_seconds: float = Field(2.0, gt=0, description="how often `conveyor up`'s workers poll")
     machine: str = Field(default_factory=default_machine, pattern=r"^[A-Za-z0-9._-]+$",
                          description="this machine's name on a shared Prefect server: `conveyor up` registers the "
-                                     "cpu flows as deployments `<flow>/<machine>` on work queue `<machine>` of "
+                                     "cpu flows as deployments `<flow>/<flow> on <machine>` on work queue `<machine>` of "
                                      "pool `cpu`, and its cpu worker takes only those runs (default: the host name)")
 
 

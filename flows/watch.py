@@ -40,14 +40,16 @@ class _DeepChecks:
         self.log = log
         self.pending: dict[str, tuple[Path, Path, list[int]]] = {}
         self.running: dict[str, PrefectFuture] = {}
-        self.runs: dict[str, list[str]] = {}  # ingest runs whose episodes a store's next/current check covers
-        self.checking: dict[str, list[str]] = {}
+        # (ingest run, the commit it made) whose episodes a store's next/current check covers
+        self.runs: dict[str, list[tuple[str, int]]] = {}
+        self.checking: dict[str, list[tuple[str, int]]] = {}
         self.failed = 0
 
-    def add(self, name: str, store: Path, source: Path, episodes: list[int], ingest_run: str = "") -> None:
+    def add(self, name: str, store: Path, source: Path, episodes: list[int], ingest_run: str = "",
+            commit: int = 0) -> None:
         _, _, eps = self.pending.get(name, (store, source, []))
         self.pending[name] = (store, source, eps + episodes)
-        self.runs.setdefault(name, []).extend([ingest_run] if ingest_run else [])
+        self.runs.setdefault(name, []).extend([(ingest_run, commit)] if ingest_run else [])
         self.tick()
 
     def tick(self) -> None:
@@ -94,7 +96,8 @@ def watch(config: str | None = None, sources: list[str] | None = None, deep: boo
         runs += 1
         res = ingest(source=name, config=config, deep=False, store_slot=False)  # a failure raises: offered again
         if deep and res["added"]:
-            deep_checks.add(name, settings.store_path(name), by_name[name].path, res["added"], res.get("run_id", ""))
+            deep_checks.add(name, settings.store_path(name), by_name[name].path, res["added"], res.get("run_id", ""),
+                            res["version"]["commit"])
 
     def on_error(name: str, e: Exception) -> None:
         log.warning("%s: %s", name, e)

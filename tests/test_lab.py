@@ -354,8 +354,10 @@ def test_watch_deep_check_verdict_lands_on_the_ingest_run(prefect_api, tmp_path)
     from conveyor.ingest import convert
     from flows.watch import _DeepChecks
 
+    from conveyor.ingest import ingest
+
     store = tmp_path / "s"
-    convert(write_recording(tmp_path / "rec", episodes=2, lengths=5, spec=SPEC), store)
+    convert(write_recording(tmp_path / "rec", episodes=2, lengths=5, spec=SPEC), store)   # the run's commit c1
 
     @flow(name="lab-ingest-stand-in")
     def ingest_run() -> str:
@@ -365,15 +367,19 @@ def test_watch_deep_check_verdict_lands_on_the_ingest_run(prefect_api, tmp_path)
     @flow(name="lab-watch-stand-in")
     def watch_run(target: str) -> int:
         checks = _DeepChecks(get_run_logger())  # the watch flow's own deferred deep check
-        checks.add("lab-deep", store, tmp_path / "rec", [0, 1], target)
+        checks.add("lab-deep", store, tmp_path / "rec", [0, 1], target, 1)
         checks.drain()
         return checks.failed
 
     target = ingest_run()
+    RecordingWriter(tmp_path / "rec", SPEC).write_episode(2, 5)
+    ingest(tmp_path / "rec", store)                          # the store moves on to c2 before the check runs
     assert watch_run(target) == 0
     [art] = _api(prefect_api, "POST", "/artifacts/filter",
                  {"artifacts": {"flow_run_id": {"any_": [target]}, "key": {"any_": ["validation-lab-deep"]}}})
     assert "PASSED" in art["data"] and "| deep | pass |" in art["data"] and "watch flow" in art["data"]
+    assert art["description"] == "lab-deep c1: deep pass", "under the commit its ingest run made"
+    assert "commit 1: PASSED" in art["data"] and "the store was at c2 when checked" in art["data"]
     # the watch flow's deep check is lerobot's loader alone (its fast check ran in the ingest run): 3 sampled
     # items of each 5-frame episode, one camera
     assert re.search(r"\| deep \| pass \| \d+ \| 2 \| 6 \| 6 \|", art["data"]), art["data"]

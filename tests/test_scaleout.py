@@ -270,7 +270,7 @@ log_freq = 1
 def test_two_recording_pcs_each_run_their_own_watcher_ingests_and_schedules(postgres_prefect_server, s3_endpoint,
                                                                              tmp_path):
     """Two recording PCs join one server, each with its own recorder and store_root. The cpu flows need the
-    machine's files, so each PC registers them as `<flow>/<machine>` on its own work queue and its cpu worker
+    machine's files, so each PC registers them as `<flow>/<flow> on <machine>` on its own work queue and its cpu worker
     polls only that queue: each PC's watch run, and so its episodes, stays on that PC. A leftover cpu
     deployment on the default queue (served by no conveyor worker) is pointed out when a PC joins."""
     api_url = postgres_prefect_server.api_url
@@ -308,8 +308,9 @@ def test_two_recording_pcs_each_run_their_own_watcher_ingests_and_schedules(post
         status, flows = api(api_url, "POST", "/flows/filter", {})
         flow_name = {f["id"]: f["name"] for f in flows}
         got = {(flow_name[d["flow_id"]], d["name"], d["work_queue_name"]) for d in deps
-               if d["name"] in (*pcs, "nightly")}  # the session's server also holds the other test's machine
-        assert got == {(f, rig, rig) for f in ("watch", "ingest", "nightly", "backup") for rig in pcs} | \
+               if d["work_queue_name"] in pcs or d["name"] == "nightly"}  # the server holds other tests' too
+        assert got == {(f, f"{f} on {rig}", rig) for f in ("watch", "ingest", "curate", "nightly", "backup")
+                      for rig in pcs} | \
             {("nightly", "nightly", "default")}
         running = {"flows": {"name": {"any_": ["watch"]}}, "flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}
         status, runs = api(api_url, "POST", "/flow_runs/filter", running)

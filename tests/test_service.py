@@ -417,18 +417,22 @@ def test_conveyor_up_runs_the_service_and_stops_cleanly(tmp_path):
         assert ingest_runs and all(r["parent_task_run_id"] for r in ingest_runs)
         status, pools = api(api_url, "POST", "/work_pools/filter", {})
         assert {"cpu", "gpu"} <= {p["name"] for p in pools}
-        # the cpu flows are this machine's: `<flow>/<machine>` on its own work queue, which its cpu worker polls
+        # the cpu flows are this machine's: `<flow>/<flow> on <machine>` on its own work queue, which its cpu
+        # worker polls (the pool's default queue, which nobody polls, is paused: no red warning in the UI)
         status, deps = api(api_url, "POST", "/deployments/filter", {})
         status, flows = api(api_url, "POST", "/flows/filter", {})
         flow_name = {f["id"]: f["name"] for f in flows}
         by_flow = {flow_name[d["flow_id"]]: d for d in deps}
         machine = Settings().prefect.machine
         assert {f: (d["name"], d["work_pool_name"], d["work_queue_name"]) for f, d in by_flow.items()} == {
-            **{f: (machine, "cpu", machine) for f in ("watch", "ingest", "curate", "nightly", "backup")},
+            **{f: (f"{f} on {machine}", "cpu", machine) for f in ("watch", "ingest", "curate", "nightly", "backup")},
             "train": ("train", "gpu", "default"), "evaluate": ("evaluate", "gpu", "default")}
         assert by_flow["nightly"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
         assert flow_runs(api_url, "watch")[0]["work_queue_name"] == machine
-        assert any(f"deployments: watch/{machine}, ingest/{machine}" in x for x in lines), "".join(lines)
+        assert any(f"deployments: watch/watch on {machine}, ingest/ingest on {machine}" in x for x in lines), \
+            "".join(lines)
+        status, queue = api(api_url, "GET", "/work_pools/cpu/queues/default")
+        assert queue["is_paused"] and queue["status"] == "PAUSED", queue
         assert _pids_with_env(f"PREFECT_HOME={home}"), "server and workers run with the project-local home"
 
         # the watcher process dies: Prefect shows the run as crashed and `conveyor up` starts a new one
@@ -673,7 +677,7 @@ def test_shipped_pool_templates_and_prefect_yaml_register(prefect_api):
 
 
 def test_a_cpu_deployment_on_the_default_queue_is_replaced_on_an_own_server_and_named_on_a_shared_one(prefect_api):
-    """`conveyor up` registers the cpu flows as `<flow>/<machine>`; a `backup/backup` left from an older conveyor
+    """`conveyor up` registers the cpu flows as `<flow>/<flow> on <machine>`; a `backup/backup` left from an older conveyor
     would send its runs to a queue no conveyor worker polls. On the server `up` started it is removed; on a
     server it joined it is named, with the command that removes it."""
     from conveyor.service.supervisor import Supervisor
@@ -697,7 +701,7 @@ def test_a_cpu_deployment_on_the_default_queue_is_replaced_on_an_own_server_and_
     own = Supervisor(Settings(prefect={"machine": "rig-x"}), api_url=prefect_api, out=said.append)
     own.joined = False  # as if this `up` had started the server (another PC may have joined it)
     own._warn_unserved(kept)
-    assert said[1:] == ["deployment backup/backup removed: replaced by backup/rig-x"]
+    assert said[1:] == ["deployment backup/backup removed: replaced by backup/backup on rig-x"]
     assert [api(prefect_api, "GET", f"/deployments/{d['id']}")[0] for d in (legacy, other)] == [404, 200]
 
 

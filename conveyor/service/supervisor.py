@@ -26,8 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -35,11 +34,12 @@ from pathlib import Path
 import yaml
 
 from conveyor.errors import ConveyorError, mask_userinfo
+from conveyor.service.prefect_api import api
 from conveyor.service.prefect_server import PrefectServer, start_prefect_server, wait_healthy
 from conveyor.processes import marked_pids, port_in_use, stop_process, sweep
 from conveyor.settings import Settings, SourceSettings
-from conveyor.service.worker import (HEARTBEAT_SECONDS, MARKER, PROJECT_DIR, cache_dir, flow_env, machine_queue,
-                             start_worker)
+from conveyor.service.worker import (HEARTBEAT_SECONDS, MARKER, PROJECT_DIR, cache_dir, deployment_name, flow_env,
+                                     machine_queue, start_worker)
 
 POOLS = ("cpu", "gpu")
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -213,6 +213,10 @@ class Supervisor:
             output, _ = p.communicate(timeout=120)
             if p.returncode != 0:
                 raise ConveyorError(f"work pool {pool}", "could not be created:\n" + output[-2000:])
+        if "cpu" in wanted:   # cpu runs go to each machine's own queue: the unpolled default one would show red
+            api(self.api_url, "PATCH", "/work_pools/cpu/queues/default",
+                {"is_paused": True, "description": "Not used: conveyor sends each machine's cpu runs to its own "
+                                                   "queue (named after the machine)."})
         self.out(f"work pools: {', '.join(POOLS)}" + (f" (kept as found: {', '.join(sorted(set(POOLS) - set(wanted)))})"
                                                       if len(wanted) < len(POOLS) else "")
                  + f"; workers here: {', '.join(self.pools)}")
@@ -237,7 +241,7 @@ class Supervisor:
         backup schedules from settings; deployments whose flow file does not exist yet are skipped (and said so).
 
         The `cpu` flows (watch, ingest, curate, nightly, backup) need this machine's recordings and stores, so they are
-        registered as `<flow>/<machine>` on this machine's work queue, which only this machine's cpu worker
+        registered as `<flow>/<flow> on <machine>` on this machine's work queue, which only this machine's cpu worker
         polls: two recording PCs on one server each get their own watcher, schedules and UI runs."""
         spec = yaml.safe_load((self.project / "prefect.yaml").read_text(encoding="utf-8"))
         kept, skipped = [], []
@@ -250,7 +254,8 @@ class Supervisor:
                 d["schedules"] = [{"cron": cron[d["name"]], "timezone": self.settings.schedules.timezone}]
             queue = machine_queue(self.settings, d["work_pool"]["name"])
             if queue:
-                d["name"], d["work_pool"] = queue, {**d["work_pool"], "work_queue_name": queue}
+                d["name"] = deployment_name(_flow(d), queue)
+                d["work_pool"] = {**d["work_pool"], "work_queue_name": queue}
             kept.append(d)
         spec["deployments"] = kept
         generated = self.home / "prefect.yaml"
@@ -291,7 +296,7 @@ class Supervisor:
                     except ObjectNotFound:
                         pass
                 if removed:
-                    self.out(f"deployment {name} removed: replaced by {flow}/{machine}")
+                    self.out(f"deployment {name} removed: replaced by {flow}/{deployment_name(flow, machine)}")
                 else:
                     self.out(f"note: deployment {name} sends its runs to pool cpu's default queue, which no "
                              "`conveyor up` worker polls (each takes its own machine's queue); delete it with "
@@ -348,8 +353,8 @@ class Supervisor:
         self._demo_thread.start()
 
     def _start_watch(self) -> None:
-        name = f"watch/{self.settings.prefect.machine}"
-        status, dep = api(self.api_url, "GET", f"/deployments/name/{name}")
+        name = f"watch/{deployment_name('watch', self.settings.prefect.machine)}"
+        status, dep = api(self.api_url, "GET", f"/deployments/name/{urllib.parse.quote(name)}")
         if status != 200:
             raise ConveyorError(f"deployment {name}", f"not registered (HTTP {status})")
         self._watch_runs_started += 1
@@ -458,41 +463,7 @@ class Supervisor:
             return
 
 
-RETRY_STATUS = (429, 502, 503, 504)  # what a busy server (SQLite lock timeouts) answers; Prefect's client retries these too
-
-
 def _flow(deployment: dict) -> str:
     """A prefect.yaml deployment's flow name: its entrypoint's function (each flow is named after it)."""
     return deployment["entrypoint"].rsplit(":", 1)[1]
 
-
-def api(api_url: str, method: str, path: str, body: dict | None = None, timeout: float = 30,
-        attempts: int = 6) -> tuple[int, dict]:
-    """Tiny JSON client for the Prefect REST API; returns (HTTP status, decoded body or {}).
-
-    Busy-server answers and refused connections are retried with backoff (1, 2, 4, 8, 8 s), so callers
-    creating objects should make that safe (idempotency key, or tolerate 409).
-    """
-    data = None if body is None else json.dumps(body).encode()
-    for attempt in range(attempts):
-        req = urllib.request.Request(api_url.rstrip("/") + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        last = attempt == attempts - 1
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                raw = r.read()
-                return r.status, (json.loads(raw) if raw else {})
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            if e.code in RETRY_STATUS and not last:
-                time.sleep(min(8, 2 ** attempt))
-                continue
-            try:
-                return e.code, json.loads(raw) if raw else {}
-            except json.JSONDecodeError:
-                return e.code, {"detail": raw.decode(errors="replace")}
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            if last:
-                raise
-            time.sleep(min(8, 2 ** attempt))
-    raise AssertionError("unreachable")

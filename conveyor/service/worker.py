@@ -67,6 +67,12 @@ def start_worker(pool: str, env: dict[str, str], project: Path = PROJECT_DIR, lo
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
+def deployment_name(flow: str, machine: str) -> str:
+    """A cpu flow's deployment on one machine, `ingest on rig-a`: a Deployments page row reads by itself
+    (not four rows named after the machine told apart by the small flow name)."""
+    return f"{flow} on {machine}"
+
+
 def machine_queue(settings: Settings, pool: str) -> str | None:
     """The work queue a worker of this machine polls: for `cpu`, the machine's own (its runs need this machine's
     recordings and stores); for `gpu`, every queue (any GPU box may train any run)."""
