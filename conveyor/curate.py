@@ -21,12 +21,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from conveyor import layout
-from conveyor.curate_rewrite import Ctx, Edit, episodes_table, rewrite
+from conveyor.curate_rewrite import Ctx, Edit, rewrite
 from conveyor.errors import ConveyorError
 from conveyor.ledger import Curation, LedgerRecord, LedgerState
 from conveyor.reports import CurationReport
 from conveyor.store import Store, is_store
-from conveyor.tables import read_tasks
+from conveyor.tables import episodes_table, read_tasks
 
 ACTIONS = ("drop", "undrop", "trim", "retask", "rename")
 
