@@ -36,6 +36,7 @@ import yaml
 from conveyor.errors import ConveyorError, mask_userinfo
 from conveyor.service.prefect_api import api
 from conveyor.service.prefect_server import PrefectServer, start_prefect_server, wait_healthy
+from conveyor.service.rescue import RESCUE, replace_rescue  # noqa: F401 - RESCUE: tests
 from conveyor.processes import marked_pids, port_in_use, stop_process, sweep
 from conveyor.settings import Settings, SourceSettings
 from conveyor.service.worker import (HEARTBEAT_SECONDS, MARKER, PROJECT_DIR, cache_dir, deployment_name, flow_env,
@@ -44,8 +45,6 @@ from conveyor.service.worker import (HEARTBEAT_SECONDS, MARKER, PROJECT_DIR, cac
 POOLS = ("cpu", "gpu")
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 DEMO_SOURCE = "demo"
-RESCUE = "conveyor: rescue lost train runs"
-RESCUE_AFTER_S = 75  # no heartbeat (every HEARTBEAT_SECONDS) for this long: the run's machine is gone
 
 
 class Supervisor:
@@ -303,40 +302,9 @@ class Supervisor:
                              f"`prefect deployment delete {name}`")
 
     def _create_rescue(self) -> None:
-        """A Prefect automation: a `train` run whose heartbeats stop (its machine died, its worker was
-        killed) goes back to Scheduled as AwaitingRetry, so any worker of the pool takes it up again and
-        resumes from the run's newest archived checkpoint. Replaced on every start (the deployment id may
+        """The rescue automation (conveyor/service/rescue.py), replaced on every start (the deployment id may
         have changed)."""
-        from prefect.events.schemas.automations import AutomationCore
-        from prefect.exceptions import ObjectNotFound
-
-        with self._client() as client:
-            try:
-                dep = client.read_deployment_by_name("train/train")
-            except ObjectNotFound:
-                return
-            for a in client.read_automations_by_name(RESCUE):
-                client.delete_automation(a.id)
-            client.create_automation(AutomationCore.model_validate(self._rescue_body(dep.id)))
-        self.out(f"automation: {RESCUE} (no heartbeat for {RESCUE_AFTER_S} s; heartbeat every {HEARTBEAT_SECONDS} s)")
-
-    @staticmethod
-    def _rescue_body(deployment_id) -> dict:
-        ended = ["Completed", "Failed", "Cancelled", "Crashed", "Cancelling", "Scheduled", "Paused"]
-        body = {"name": RESCUE, "enabled": True,
-                "description": f"A train run without a heartbeat for {RESCUE_AFTER_S} s lost its machine: "
-                               "schedule it again (it resumes from its newest archived checkpoint).",
-                "trigger": {"type": "event", "posture": "Proactive",
-                            "match": {"prefect.resource.id": "prefect.flow-run.*"},
-                            "match_related": {"prefect.resource.id": f"prefect.deployment.{deployment_id}",
-                                              "prefect.resource.role": "deployment"},
-                            "after": ["prefect.flow-run.heartbeat"],
-                            "expect": ["prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in ended)],
-                            "for_each": ["prefect.resource.id"], "threshold": 1, "within": RESCUE_AFTER_S},
-                "actions": [{"type": "change-flow-run-state", "state": "SCHEDULED", "name": "AwaitingRetry",
-                             "message": f"no heartbeat for {RESCUE_AFTER_S} s: its machine or worker is gone; "
-                                        "rescheduled", "force": True}]}
-        return body
+        replace_rescue(self._client, self.out)
 
     def _start_worker(self, pool: str) -> None:
         with open(self.home / f"worker-{pool}.log", "ab") as log:
