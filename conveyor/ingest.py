@@ -80,10 +80,12 @@ def ingest(source: str | Path | V21Source | V30Source, store: str | Path, *, tas
 def ingest_sessions(folder: str | Path, store: str | Path, **kw) -> IngestReport:
     """Each session dataset of `folder`, in name order, appended as its own source (one commit each, O(that
     session)); one report for all of them (`source` is the folder)."""
+    from conveyor.pending import nothing_new
+
     t0 = time.monotonic()
     total: IngestReport | None = None
     for path in session_paths(folder):
-        r = ingest(path, store, **kw)
+        r = nothing_new(path, store) or ingest(path, store, **kw)  # stat calls for a session already landed
         if total is None:
             total = r
             total.source = str(Path(folder).resolve())

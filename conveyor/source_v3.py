@@ -362,6 +362,11 @@ class V30Source:
         result.incomplete = sorted(set(result.incomplete) | set(self.unrecorded(records)))
         return ready, result
 
+    def episode(self, ep: int) -> V30Episode | None:
+        """One complete episode (None: not recorded, or not complete yet); BadEpisode if broken."""
+        rec = self.episode_records().get(ep)
+        return self.check_episode(ep, rec, probe_videos=False) if rec else None
+
     def check_declared_cameras(self, ready: list[V30Episode]) -> V30Episode | None:
         for episode in ready:
             if check_declared_cameras(self.root, self.features, episode.videos):

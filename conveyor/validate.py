@@ -25,7 +25,7 @@ from conveyor.errors import ConveyorError
 from conveyor.ledger import LedgerRecord
 from conveyor.lerobot_check import run_lerobot_check
 from conveyor.reports import ValidationReport
-from conveyor.source import V21Source
+from conveyor.source_v3 import V30Source, open_sources, probe_span
 from conveyor.store import Store
 from conveyor.tables import (episodes_table, numeric_stats, read_table, read_tasks, stacked_stats,
                              stats_from_row)
@@ -38,10 +38,6 @@ MEDIA_ERRORS = (ConveyorError, av.error.FFmpegError, pa.ArrowException, OSError,
 RENUMBERED = ("episode_index", "index", "task_index")
 
 
-def _v30_source(path: Path) -> bool:
-    from conveyor.source_v3 import is_session_folder, open_source
-
-    return is_session_folder(path) or getattr(open_source(path), "kind", "v2.1") == "v3.0"
 
 
 def _sample(n: int) -> list[int]:
@@ -55,9 +51,9 @@ class _Checker:
         self.fps = int(self.info["fps"])
         self.features = self.info["features"]
         self.video_keys = [k for k, f in self.features.items() if f["dtype"] == "video"]
-        # a v3.0 source (session, or folder of sessions) is not compared here: tests compare its rows and frames
-        # with lerobot's own reading of each session (tests/test_v30_sources.py)
-        self.src = V21Source.open(against) if against and not _v30_source(against) else None
+        # a v2.1 recording, a v3.0 dataset, or a folder of v3.0 sessions (each its own source in the ledger)
+        self.sources = {str(s.root): s for s in open_sources(against)} if against else {}
+        self.src = None
         self.renames: list[tuple[int, str, str]] = []  # (commit, old, new) of `retask --rename`
         self._probes: dict[str, VideoProbe] = {}
         self._times: dict[str, np.ndarray] = {}
@@ -188,15 +184,20 @@ class _Checker:
                 recomputed[key] = st.image_stats(st.png_frames(data.column(key).to_pylist()))
         bad = st.equal(recomputed, stats_from_row(self.features, row), rtol=1e-6, atol=1e-6)
         add(f"episode {ep}: stats", not bad, ", ".join(bad[:5]))
-        if self.src is not None and ledger_rec is not None and ledger_rec.source == str(self.src.root):
+        self.src = self.sources.get(ledger_rec.source) if ledger_rec is not None else None
+        if self.src is not None:
             self.against_source(row, data, ledger_rec)
 
     def against_source(self, row: dict, data: pa.Table, rec: LedgerRecord) -> None:
         """Rows and frames equal the source episode's (a trimmed one's: source rows start..start+length-1, its
         timestamps counted from 0; a re-tasked or renamed one's task text as curation set it)."""
         ep, add, src_ep = row["episode_index"], self.report.add, rec.source_episode_index
-        src_path = self.src.parquet_path(src_ep)
-        src_table = read_table(src_path)
+        span = self.src.episode(src_ep) if isinstance(self.src, V30Source) else None  # rows/spans in shared files
+        if isinstance(self.src, V30Source) and span is None:
+            add(f"episode {ep}: source episode {src_ep} readable", False, f"{self.src.root}: not complete")
+            return
+        src_path = span.parquet if span else self.src.parquet_path(src_ep)
+        src_table = self.src.read_rows(span) if span else read_table(src_path)
         trimmed = rec.start or src_table.num_rows != rec.length
         src_table = src_table.slice(rec.start, rec.length)
         diffs = []
@@ -216,7 +217,7 @@ class _Checker:
                 same = a == b
             if not same:
                 diffs.append(f.name)
-        src_tasks = V21Source.tasks(self.src)
+        src_tasks = self.src.tasks()
         want = [src_tasks.get(int(i), "") for i in src_table.column("task_index").to_pylist()]
         for commit, old, new in self.renames:  # `conveyor retask --rename` after this episode came in
             if commit > rec.commit:
@@ -228,8 +229,8 @@ class _Checker:
             diffs.append("task text")
         add(f"episode {ep}: rows equal source episode {src_ep}", not diffs, ", ".join(diffs) or str(src_path))
         for key in self.video_keys:
-            src_video = self.src.video_path(src_ep, key)
-            sp = probe(src_video)
+            src_video = span.videos[key] if span else self.src.video_path(src_ep, key)
+            sp = probe_span(src_video, span.spans[key], self.fps)[0] if span else probe(src_video)
             seg = self.segment(row, key)
             picks = _sample(row["length"])
             if len(seg) != row["length"] or sp.frames < rec.start + row["length"]:

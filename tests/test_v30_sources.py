@@ -102,7 +102,8 @@ def test_a_session_ingests_and_converts_exactly_and_idempotently(sessions, tmp_p
     # stream-copied: the store's packets are the session's packets, byte for byte
     rel = f"videos/{CAM}/chunk-000/file-000.mp4"
     assert packets(store / rel) == packets(sessions / "a" / rel)
-    assert validate_fast(store).ok
+    report = validate_fast(store, against=sessions / "a")  # rows and sampled frames against the session's
+    assert report.ok and any("pixel-identical to source" in c.name for c in report.checks), report
     assert read_tasks(store / "meta/tasks.parquet") == ["pick the cube", "把方块放进盒子"]
 
 
@@ -124,6 +125,7 @@ def test_a_folder_of_sessions_lands_each_new_session_in_its_own_commit(sessions,
     same_items(items[:30], dump(sessions / "a"), 0, 0)
     same_items(items[30:], dump(sessions / "b"), 3, 30)
     assert ingest(folder, store).added == []
+    assert validate_fast(store, against=folder).ok
 
 
 def test_v21_and_v30_sources_feed_one_store(sessions, tmp_path):
