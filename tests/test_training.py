@@ -575,6 +575,21 @@ def test_deployment_parameter_schema_is_the_request_form(prefect_server):
 
 
 @pytest.mark.lerobot
+def test_recipe_fits_the_machine():
+    """auto on CPU is a smoke run (batch 4, no worker processes); workers never exceed the cores this process
+    may use, whatever the recipe or the request says."""
+    from conveyor.training.recipes import choose_recipe, cores
+
+    cpu = choose_recipe(TrainRequest(store="s", device="cpu"), "act", None)
+    assert (cpu.name, cpu.batch_size, cpu.num_workers) == ("cpu", 4, 0)
+    assert choose_recipe(TrainRequest(store="s", device="cpu", batch_size=2, num_workers=1), "act", None) \
+        .batch_size == 2
+    gpu = choose_recipe(TrainRequest(store="s"), "act", 40.0)
+    assert (gpu.name, gpu.batch_size, gpu.num_workers) == ("standard", 16, min(4, cores()))
+    many = choose_recipe(TrainRequest(store="s", num_workers=64), "act", 40.0)
+    assert many.num_workers == cores() == len(os.sched_getaffinity(0)) and "cores this run has" in many.reason
+
+
 def test_the_form_accepts_null_and_empty_optional_fields(prefect_server):
     """Every optional field may be null (a cleared input, an API call) and the form's own submission (empty
     text inputs, number inputs left out) is accepted: by the JSON schema validator Prefect runs on the
