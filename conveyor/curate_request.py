@@ -1,8 +1,9 @@
 """The curation request: the `curate` deployment's form (Prefect UI) and the flow's input, one pydantic model.
 
-Optional fields keep pydantic's `anyOf [T, null]` schema, so a run created with `null` for any of them (the
-API, a cleared form input) passes Prefect's parameter check (issue 22 item 4); which fields an action needs is
-checked here, in one sentence naming the field, before anything runs.
+An optional field's schema is a plain `{"type": "string"}` without a default (`plain`): the form shows a text
+input (not a str/None toggle with "Property is type None"), and Prefect's parameter check, which makes a
+non-required field without a default nullable, accepts `null` for it (issue 22 item 4). Which fields an action
+needs is checked here, in one sentence naming the field, before anything runs.
 """
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from conveyor.training.request import _known_stores
 
 Action = Literal["drop", "undrop", "trim", "retask", "rename"]
+
+
+def plain(schema: dict) -> None:
+    """An optional text field as a plain input that still takes null (see the module docstring)."""
+    schema.pop("anyOf", None)
+    schema.pop("default", None)
+    schema["type"] = "string"
 
 
 class CurateRequest(BaseModel):
@@ -29,17 +37,18 @@ class CurateRequest(BaseModel):
                     "frames Start to End-1 of one episode. retask: set the task text of episodes. rename: rename "
                     "the task Old task to Task everywhere.")
     episodes: str | None = Field(
-        None, title="Episodes", examples=["3 7 12-15"],
+        None, title="Episodes", json_schema_extra=plain, examples=["3 7 12-15"],
         description="Store episode indices and ranges as `conveyor show` numbers them, e.g. `3 7 12-15` (undrop: "
                     "drop ids; trim: one episode). Not used by rename.")
-    reason: str | None = Field(None, title="Reason",
+    reason: str | None = Field(None, title="Reason", json_schema_extra=plain,
                                description="Why, kept in the store's history (`conveyor show`). Required to drop.")
-    task: str | None = Field(None, title="Task",
+    task: str | None = Field(None, title="Task", json_schema_extra=plain,
                              description="retask: the new task text. rename: the new name of the task.")
-    old_task: str | None = Field(None, title="Old task", description="rename: the task text to rename.")
-    start: str | None = Field(None, title="Start", examples=["30", "1.5s"],
+    old_task: str | None = Field(None, title="Old task", json_schema_extra=plain,
+                                 description="rename: the task text to rename.")
+    start: str | None = Field(None, title="Start", json_schema_extra=plain, examples=["30", "1.5s"],
                               description="trim: first frame kept, a frame number or seconds (`1.5s`).")
-    end: str | None = Field(None, title="End", examples=["120", "4s"],
+    end: str | None = Field(None, title="End", json_schema_extra=plain, examples=["120", "4s"],
                             description="trim: the frame after the last one kept, a frame number or seconds.")
 
     @field_validator("episodes", "reason", "task", "old_task", "start", "end", mode="before")
