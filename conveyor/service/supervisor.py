@@ -39,8 +39,8 @@ from conveyor.service.prefect_server import PrefectServer, start_prefect_server,
 from conveyor.service.rescue import RESCUE, replace_rescue  # noqa: F401 - RESCUE: tests
 from conveyor.processes import marked_pids, port_in_use, stop_process, sweep
 from conveyor.settings import Settings, SourceSettings
-from conveyor.service.worker import (HEARTBEAT_SECONDS, MARKER, PROJECT_DIR, cache_dir, deployment_name, flow_env,
-                                     machine_queue, start_worker)
+from conveyor.service.worker import (MARKER, PROJECT_DIR, cache_dir, deployment_name, flow_env, machine_queue,
+                                     start_worker)
 
 POOLS = ("cpu", "gpu")
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
