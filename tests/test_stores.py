@@ -132,3 +132,15 @@ def test_backup_verify_and_prune_are_subcommands_so_a_store_named_verify_backs_u
         with pytest.raises(SystemExit) as e:  # each action takes only its own options: a usage error
             main(c + wrong)
         assert e.value.code == 2
+
+
+def test_the_training_request_names_the_known_stores_too(tmp_path):
+    from conveyor.datasets.resolve import resolve_dataset
+    from conveyor.settings import Settings
+
+    make_store(tmp_path / "stores" / "koch_grasp")
+    for url in (f"file://{tmp_path / 'repo'}", ""):  # published nowhere; no storage_url at all
+        settings = Settings(store_root=tmp_path / "stores", storage_url=url, cache_dir=tmp_path / "cache")
+        with pytest.raises(ConveyorError) as e:
+            resolve_dataset("koch_grasq", None, settings, run="r", run_dir=tmp_path / "run", archive_url=None)
+        assert "(known stores: koch_grasp (nearest: koch_grasp))" in e.value.problem, e.value.problem

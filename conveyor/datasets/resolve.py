@@ -25,7 +25,7 @@ from conveyor.fileio import write_atomic
 from conveyor.version import DatasetVersion
 from conveyor.repo import MissingObject, Repo, open_repo
 from conveyor.store import DOT, Store, is_store
-from conveyor.stores import find_store, name_problem
+from conveyor.stores import find_store, name_problem, unknown_store
 
 PIN_FILE = "dataset.json"
 
@@ -101,7 +101,9 @@ def _local_version(root: Path, name: str) -> PublishedVersion:
 def _no_storage(settings, name: str) -> ConveyorError:
     return ConveyorError(settings.config_path or "settings",
                          f"store `{name}` is not under store_root ({settings.store_root}) and the settings have no "
-                         "storage_url to fetch its published versions from; set storage_url to where it is published")
+                         "storage_url to fetch its published versions from; set storage_url to where it is published"
+                         + (f" ({known})" if (known := unknown_store(name, settings.store_root).problem.partition("; ")[2])
+                            else ""))
 
 
 def _first_resolution(name: str, pin: str | None, live: Path | None, repo: Repo | None, settings,
@@ -127,9 +129,10 @@ def _first_resolution(name: str, pin: str | None, live: Path | None, repo: Repo 
     if repo is None:
         raise _no_storage(settings, name)
     if not list_versions(repo, name):
+        known = unknown_store(name, settings.store_root).problem.partition("; ")[2]  # the known stores, the nearest
         raise ConveyorError(name, f"no store named `{name}` under {settings.store_root} and none published to "
                                   f"{repo.url}; name a store this worker holds, or publish it with "
-                                  f"`conveyor publish {name}` where it lives.")
+                                  f"`conveyor publish {name}` where it lives" + (f" ({known})." if known else "."))
     return find_version(repo, name, pin)
 
 
