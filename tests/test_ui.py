@@ -201,4 +201,19 @@ def test_curate_run_page_shows_what_changed_and_the_new_version(prefect_api, tmp
                  tmp_path / "profile-curate-artifact")
     text = re.sub(r"<[^>]+>", " ", dom)
     assert re.search(r"episodes\s+5\s+3", text) and re.search(r"frames\s+80\s+50", text), text[:3000]
-    assert f"c{c}-" in text and "bumped the arm" in text and f"Dataset version" in text
+    assert f"c{c}-" in text and "bumped the arm" in text and "Dataset version" in text
+
+    # the deployment's form: the curation fields are plain text inputs (no str/None toggle per field)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name="cpu", type="process"))
+        except Exception:  # noqa: BLE001 -- already there from another test
+            pass
+    dep = curate.to_deployment(name="curate-ui", work_pool_name="cpu").apply()
+    dom = browse(f"{ui}/v2/deployments/deployment/{dep}/run", shots / "curate-form.png", tmp_path / "profile-form")
+    text = re.sub(r"<[^>]+>", " ", dom)
+    assert all(f in text for f in ("Episodes", "Reason", "Old task", "Start", "End", "retask"))
+    assert text.count('Property is type "None"') + text.count("Property is type &quot;None&quot;") <= 1  # config
