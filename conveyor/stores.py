@@ -33,7 +33,7 @@ MAX_NAME = 100
 def name_problem(name: str) -> str | None:
     """Why `name` is not an allowed store name, or None when it is."""
     if not name or not name.strip():
-        return "an empty name"
+        return "an empty name" if not name else "only whitespace"
     if len(name) > MAX_NAME:
         return f"{len(name)} characters"
     if name[0] in ".-":
