@@ -221,3 +221,27 @@ def test_a_killed_session_lands_in_a_store_through_salvage_then_ingest(sessions,
     rows = pq.ParquetFile(next((store / "data").rglob("*.parquet"))).read()
     assert rows.column("observation.state").to_pylist() == [
         rec.frame_values(ep, i)["observation.state"].tolist() for ep in range(4) for i in range(FRAMES)]
+
+
+@pytest.mark.lerobot
+def test_a_row_group_torn_mid_write_quarantines_its_episode(sessions, tmp_path):
+    """The recorder died inside `write_table` of episode 3: its row group is cut in the middle (the other
+    episodes' and its video are whole). Episodes 0-2 come back; 3 is quarantined for its rows."""
+    import shutil
+
+    session = tmp_path / "session"
+    shutil.copytree(sessions / rec.session_name("after_save:4"), session)
+    data = session / "data/chunk-000/file-000.parquet"
+    schema = data_schema(json.loads((session / "meta/info.json").read_text())["features"])
+    meta = rescue(data, schema).open().metadata
+    assert meta.num_row_groups == 4
+    raw = data.read_bytes()
+    start3 = meta.row_group(3).column(0).dictionary_page_offset  # episode 3's row group begins here
+    cut = start3 + (len(raw) - start3) // 2
+    data.write_bytes(raw[:cut])
+    r = conveyor("salvage", str(session), str(tmp_path / "out"), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert [x["session_episode"] for x in report["recovered"]] == [0, 1, 2]
+    assert list(report["quarantined"]) == ["3"] and "rows torn" in report["quarantined"]["3"]
+    assert any("after its last whole row group" in n for n in report["notes"])
