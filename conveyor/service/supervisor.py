@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from conveyor.errors import ConveyorError, mask_userinfo
+from conveyor.service.deployments import deployment_spec, flow_of, remove_or_name_unserved
 from conveyor.service.prefect_api import api
 from conveyor.service.prefect_server import PrefectServer, start_prefect_server, wait_healthy
 from conveyor.service.rescue import RESCUE, replace_rescue  # noqa: F401 - RESCUE: tests
@@ -242,28 +243,15 @@ class Supervisor:
         The `cpu` flows (watch, ingest, curate, nightly, backup) need this machine's recordings and stores, so they are
         registered as `<flow>/<flow> on <machine>` on this machine's work queue, which only this machine's cpu worker
         polls: two recording PCs on one server each get their own watcher, schedules and UI runs."""
-        spec = yaml.safe_load((self.project / "prefect.yaml").read_text(encoding="utf-8"))
-        kept, skipped = [], []
-        for d in spec["deployments"]:
-            if not (self.project / d["entrypoint"].split(":")[0]).is_file():
-                skipped.append(d["name"])
-                continue
-            cron = {"nightly": self.settings.schedules.nightly_cron, "backup": self.settings.backup.cron}
-            if d["name"] in cron:
-                d["schedules"] = [{"cron": cron[d["name"]], "timezone": self.settings.schedules.timezone}]
-            queue = machine_queue(self.settings, d["work_pool"]["name"])
-            if queue:
-                d["name"] = deployment_name(_flow(d), queue)
-                d["work_pool"] = {**d["work_pool"], "work_queue_name": queue}
-            kept.append(d)
-        spec["deployments"] = kept
+        spec, skipped = deployment_spec(self.settings, self.project)
+        kept = spec["deployments"]
         generated = self.home / "prefect.yaml"
         generated.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
         # the pull step keeps `{{ $CONVEYOR_PROJECT_DIR }}`: each worker (this one's, `conveyor worker`s on
         # other machines) resolves it to its own checkout when a run starts
         self._prefect("deploy", "--all", "--prefect-file", str(generated), timeout=300,
                       env={k: v for k, v in self.env.items() if k != "CONVEYOR_PROJECT_DIR"})
-        self.out(f"deployments: {', '.join(_flow(d) + '/' + d['name'] for d in kept)}"
+        self.out(f"deployments: {', '.join(flow_of(d) + '/' + d['name'] for d in kept)}"
                  + (f" (skipped, flow file missing: {', '.join(skipped)})" if skipped else ""))
         self._warn_unserved(kept)
 
@@ -272,34 +260,7 @@ class Supervisor:
         prefect.yaml deployed by hand) is served by no `conveyor up` worker. On this `up`'s own server it is a
         leftover: removed, and said so; on a shared server it is named, with how to delete it. Deployments on
         another machine's queue are that machine's, even on this `up`'s server (another PC may have joined it)."""
-        from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
-        from prefect.exceptions import ObjectNotFound
-
-        flows = sorted({_flow(d) for d in kept if machine_queue(self.settings, d["work_pool"]["name"])})
-        machine = self.settings.prefect.machine
-        by_flow = FlowFilter(name=FlowFilterName(any_=flows))
-        with self._client() as client:
-            deps = client.read_deployments(flow_filter=by_flow,
-                                           work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=["cpu"])))
-            flow_of = {f.id: f.name for f in client.read_flows(flow_filter=by_flow)}
-            for d in deps:
-                if (d.work_queue_name or "default") != "default":
-                    continue
-                flow = flow_of.get(d.flow_id, "?")
-                name = f"{flow}/{d.name}"
-                removed = False
-                if not self.joined:
-                    try:
-                        client.delete_deployment(d.id)
-                        removed = True
-                    except ObjectNotFound:
-                        pass
-                if removed:
-                    self.out(f"deployment {name} removed: replaced by {flow}/{deployment_name(flow, machine)}")
-                else:
-                    self.out(f"note: deployment {name} sends its runs to pool cpu's default queue, which no "
-                             "`conveyor up` worker polls (each takes its own machine's queue); delete it with "
-                             f"`prefect deployment delete {name}`")
+        remove_or_name_unserved(self._client, self.settings, kept, own_server=not self.joined, out=self.out)
 
     def _create_rescue(self) -> None:
         """The rescue automation (conveyor/service/rescue.py), replaced on every start (the deployment id may
@@ -429,9 +390,3 @@ class Supervisor:
                 time.sleep(0.5)
         except OSError:
             return
-
-
-def _flow(deployment: dict) -> str:
-    """A prefect.yaml deployment's flow name: its entrypoint's function (each flow is named after it)."""
-    return deployment["entrypoint"].rsplit(":", 1)[1]
-
