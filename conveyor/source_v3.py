@@ -164,6 +164,11 @@ class V30Source:
         missing = [k for k in DEFAULT_FEATURE_KEYS if k not in info["features"]]
         if missing:
             raise ConveyorError(info_path, f"features lack required columns {missing}")
+        for key in ("data_path", "video_path"):
+            template = info.get(key)
+            if template and not ("{chunk_index" in template and "{file_index" in template):
+                raise ConveyorError(info_path, f"codebase_version v3.0 but {key} {template!r} is not a v3.0 path "
+                                               "template (chunk_index, file_index)")
         src = cls(root, info)
         if src.video_keys and not info.get("video_path"):
             raise ConveyorError(info_path, "video features present but video_path is null")

@@ -507,7 +507,7 @@ def _set_info(src, **kw):
 
 @pytest.mark.parametrize("change,needle", [
     ({"codebase_version": "v2.0"}, "v2.0 dataset"),
-    ({"codebase_version": "v3.0"}, "already a v3.0 dataset"),
+    ({"codebase_version": "v3.0"}, "codebase_version v3.0 but data_path"),  # v2.1 files, v3.0 declared
     ({"codebase_version": "v9.9"}, "unknown codebase_version"),
     ({"fps": 15}, "fps mismatch"),
 ])
