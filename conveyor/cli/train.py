@@ -144,13 +144,17 @@ def _owner_tag() -> str:
     return f"cli-pid:{os.getpid()}@{socket.gethostname()}"
 
 
-def _alive(pid: int) -> bool:
-    """A conveyor process with this pid runs here (a reused pid of another program does not count)."""
+def _alive(pid: int, since: float) -> bool:
+    """The process with this pid that started the run (started before `since`, the run's creation time)
+    still runs here; a pid reused by a later process does not count."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"conveyor" in f.read()
-    except OSError:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])       # field 22: start time after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
         return False
+    return boot + ticks / os.sysconf("SC_CLK_TCK") <= since + 2
 
 
 def _crash_orphans() -> None:
@@ -173,7 +177,7 @@ def _crash_orphans() -> None:
         for run in runs:
             owner = next((t.removeprefix("cli-pid:") for t in run.tags if t.startswith("cli-pid:")), "")
             pid, _, where = owner.partition("@")
-            if where == host and pid.isdigit() and not _alive(int(pid)):
+            if where == host and pid.isdigit() and not _alive(int(pid), run.created.timestamp()):
                 client.set_flow_run_state(run.id, Crashed(message=f"its `conveyor` process (pid {pid} on {host}) "
                                                                   "ended without reporting"), force=True)
 
