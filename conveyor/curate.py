@@ -21,12 +21,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from conveyor import layout
-from conveyor.curate_rewrite import Ctx, Edit, rewrite
+from conveyor.curate_rewrite import Ctx, Edit, read_episodes_table, rewrite
 from conveyor.errors import ConveyorError
 from conveyor.ledger import Curation, LedgerRecord, LedgerState
 from conveyor.reports import CurationReport
 from conveyor.store import Store, is_store
-from conveyor.tables import episodes_table, read_tasks
+from conveyor.tables import read_tasks
 
 ACTIONS = ("drop", "undrop", "trim", "retask", "rename")
 
@@ -194,7 +194,7 @@ def _curate(store_path, action: str, episodes: list[int], reason: str, detail: d
         info = s.info
         if not info or not info.get("total_episodes"):
             raise ConveyorError(s.root, "the store has no episodes yet")
-        table = episodes_table(s.root)
+        table = read_episodes_table(s.root)
         light = table.select([n for n in table.column_names if not n.startswith("stats/")]).to_pylist()
         c = Ctx(s, info, table, light, read_tasks(s.root / layout.TASKS), s.ledger_state())
         edit = plan(c)

@@ -244,7 +244,7 @@ def _write_meta_tail(tx: Commit, s: Store, c: Ctx, edit: Edit, rows: list[dict],
 
     features = c.info["features"]
     schema = episodes_schema(features)
-    part = c.table.take(pa.array(edit.keep[head:], pa.int64())) if head < len(rows) else c.table.slice(0, 0)
+    part = _rows_of(c.table, edit.keep[head:])
     names = [n for n in part.column_names if not n.startswith("stats/")]
     for name in names:
         i = part.schema.get_field_index(name)
@@ -274,6 +274,25 @@ def _write_meta_tail(tx: Commit, s: Store, c: Ctx, edit: Edit, rows: list[dict],
         pq.write_table(piece, tx.path(rel), compression="snappy")
         tx.staged(rel)
         linear += 1
+
+
+def _rows_of(table: pa.Table, keep: list[int]) -> pa.Table:
+    """The rows `keep` (ascending) of `table`, as zero-copy slices of its consecutive runs (`Table.take` would
+    import pyarrow.compute: ~0.3 s of a curation command)."""
+    runs: list[list[int]] = []
+    for i in keep:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, i + 1])
+    return pa.concat_tables([table.slice(a, b - a) for a, b in runs]) if runs else table.slice(0, 0)
+
+
+def read_episodes_table(root: Path) -> pa.Table:
+    """Every committed meta/episodes row in episode order: the files in path order are episode order (a commit
+    writes new files with higher numbers), so no sort (which imports pyarrow.compute)."""
+    tables = [pq.ParquetFile(f).read() for f in sorted((root / "meta" / "episodes").glob("*/*.parquet"))]
+    return pa.concat_tables(tables) if tables else pa.table({"episode_index": pa.array([], pa.int64())})
 
 
 def episodes_table_of(tx: Commit, c: Ctx, head: int) -> pa.Table:
