@@ -20,6 +20,8 @@ from tasks.train import evaluate_task, preflight_task, run_task
 from tasks.views import rename_this_run
 
 
+# config defaults to "" (not None): the form then shows a text input, not "Property is type None"; null is
+# still accepted (anyOf string/null)
 @flow(name="train", retries=2, retry_delay_seconds=30, log_prints=True)
 def train(request: TrainRequest, config: str | None = "") -> dict[str, Any]:
     """Train a policy on a store with lerobot-train; archive checkpoints; resume on retry.
@@ -28,7 +30,6 @@ def train(request: TrainRequest, config: str | None = "") -> dict[str, Any]:
         request: what to train, on which data, and where the checkpoints go.
         config: conveyor.toml on the training machine (empty: $CONVEYOR_CONFIG, else ./conveyor.toml).
     """
-    # config defaults to "" (not None): the form then shows a text input instead of "Property is type None"
     run_name = request.run_name or default_run_name(request, (flow_run.get_id() or "local")[:8])
     what = f"{request.policy_type if not request.policy_path else 'finetune'} on {request.store}"
     try:

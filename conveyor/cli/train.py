@@ -7,6 +7,7 @@ with PREFECT_HOME = settings.prefect.home.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from datetime import datetime
@@ -115,9 +116,19 @@ class _Terminal:
         return False
 
 
-def _quiet_prefect_console() -> None:
-    import logging
+class _Stdout(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time (a test's capture, a redirected stream)."""
 
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+def _quiet_prefect_console() -> None:
     from prefect.logging import configuration
     from prefect.logging.handlers import PrefectConsoleHandler
 
@@ -129,7 +140,7 @@ def _quiet_prefect_console() -> None:
                 h.addFilter(_Console())
     prefect_logger = logging.getLogger("prefect")
     if not any(isinstance(f, _Terminal) for h in prefect_logger.handlers for f in h.filters):
-        terminal = logging.StreamHandler(sys.stdout)
+        terminal = _Stdout()
         terminal.setFormatter(logging.Formatter("%(message)s"))
         terminal.addFilter(_Terminal())
         prefect_logger.addHandler(terminal)
