@@ -17,7 +17,6 @@ from conveyor.backup.format import BackupReport, Manifest, check_name, encode, m
 from conveyor.backup.manifests import read_manifest, snapshot_ids
 from conveyor.backup.objects import DAMAGED, Present, upload, writer_lock
 from conveyor.backup.walk import Progress, View, apply_index, hash_items, load_index, save_index, source_view
-from conveyor.datasets.format import list_versions, read_version
 from conveyor.errors import ConveyorError
 from conveyor.repo import Repo
 
@@ -62,6 +61,10 @@ def _backup_locked(repo: Repo, view: View, name: str, snap_id: str, source: Path
     if prev_ids:
         present.learn(read_manifest(repo, prev_ids[-1]).files)
     if view.kind == "store":  # a published version's small files sit in its own packs: refer to them there
+        # imported here: conveyor.datasets.format builds on conveyor.backup.format, so a module-level import
+        # would close a loop through conveyor/backup/__init__.py
+        from conveyor.datasets.format import list_versions, read_version
+
         published = list_versions(repo, name)
         if published:
             present.learn(read_version(repo, published[-1].key).files)
