@@ -9,6 +9,7 @@ file's packets."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from conveyor.errors import ConveyorError
 from conveyor.ledger import LedgerState
 from conveyor.store import Commit, Store
 from conveyor.tables import data_schema, int64_array, numeric_stats, stacked_stats
-from conveyor.video import VideoProbe, camera_frames, probe
+from conveyor.video import VideoProbe, camera_frames, frame_ticks, probe
 
 RENUMBERED = ("episode_index", "index")  # columns whose stats follow an episode's position
 
@@ -217,8 +218,12 @@ def _trim_video(root: Path, row: dict, key: str, a: int, b: int) -> tuple[float,
     """The kept span of one camera, exact from the file's packets (no decode), and its camera stats from a few
     kept frames."""
     rel = layout.episode_video_path(row, key)
-    pr = probe(root / rel)
-    seg = _segment(pr, row[f"videos/{key}/from_timestamp"], row[f"videos/{key}/to_timestamp"])
+    lo, hi = row[f"videos/{key}/from_timestamp"], row[f"videos/{key}/to_timestamp"]
+    pr = _window_probe(root / rel, lo, hi)
+    seg = _segment(pr, lo, hi)
+    if len(seg) != row["length"]:  # the window missed packets (an odd file): read them all
+        pr = probe(root / rel)
+        seg = _segment(pr, lo, hi)
     n = len(seg)
     if n < b:
         raise ConveyorError(root / rel, f"episode {row['episode_index']}: {n} frames of camera {key} in the file, "
@@ -227,6 +232,31 @@ def _trim_video(root: Path, row: dict, key: str, a: int, b: int) -> tuple[float,
     start = float(kept[0] * pr.time_base)
     end = float(seg[b] * pr.time_base) if b < len(seg) else row[f"videos/{key}/to_timestamp"]
     return start, end, st.image_stats(camera_frames(root / rel, pr, kept, st.CAMERA_SAMPLES))
+
+
+def _window_probe(path: Path, a: float, b: float) -> VideoProbe:
+    """`probe` of the packets around [a, b) only: from the keyframe before `a` to the first keyframe at or after
+    `b` (a file holds many episodes; demuxing all of it was most of a trim)."""
+    import av
+
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        tb = Fraction(s.time_base.numerator, s.time_base.denominator)
+        c.seek(int(a * tb.denominator / tb.numerator), stream=s, backward=True, any_frame=False)
+        pts, dts, keys = [], [], set()
+        for pk in c.demux(s):
+            if not pk.size or pk.pts is None:
+                continue
+            if pk.is_keyframe and pk.pts * tb >= Fraction(b) - Fraction(1, 10**6):
+                break  # the next episode's (or trimmed-away) frames: nothing later is in the span
+            pts.append(pk.pts)
+            dts.append(pk.dts if pk.dts is not None else pk.pts)
+            if pk.is_keyframe:
+                keys.add(pk.pts)
+        rate = s.average_rate or s.guessed_rate
+        return VideoProbe(len(pts), tuple(sorted(pts)), tb, s.codec_context.name, s.codec_context.width,
+                          s.codec_context.height, frame_ticks(rate, tb) if rate else 1, frozenset(keys),
+                          min(dts, default=0))
 
 
 def _segment(pr: VideoProbe, a: float, b: float) -> tuple[int, ...]:
