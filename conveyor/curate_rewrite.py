@@ -68,7 +68,7 @@ class Ctx:
 def rewrite(tx: Commit, c: Ctx, edit: Edit) -> list[dict] | None:
     """Stage the new data (from the first file that changes), meta/episodes (likewise), info/stats/tasks.
     None when nothing would change."""
-    from conveyor.ingest import DataWriter, write_meta
+    from conveyor.ingest_writers import DataWriter, write_meta
 
     s, info, light = c.s, c.info, c.light
     features, fps = info["features"], int(info["fps"])

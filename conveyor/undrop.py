@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from conveyor.errors import ConveyorError
-from conveyor.ingest import (Plan, VideoWriter, write_data, write_episode_metadata, write_info_stats_tasks_ledger,
-                             write_videos)
+from conveyor.ingest import Plan, write_data, write_episode_metadata, write_info_stats_tasks_ledger, write_videos
+from conveyor.ingest_writers import VideoWriter
 from conveyor.ledger import Curation, LedgerState
 from conveyor.reports import CurationReport, IngestReport
 from conveyor.source_v3 import open_source
