@@ -28,7 +28,8 @@ from conveyor.quarantine import record_quarantine
 from conveyor.prepare import PacketCap, Prepared, load_ahead, prepare_episode
 from conveyor.reports import Duplicate, EpisodeMapping, IngestReport, Quarantined
 from conveyor.source import SourceEpisode, V21Source
-from conveyor.source_v3 import V30Source, is_session_folder, open_source, session_paths
+from conveyor.sessions import is_session_folder, open_source, session_paths
+from conveyor.source_v3 import V30Source
 from conveyor.store import Commit, Store, is_store
 from conveyor.tables import data_schema, read_tasks, stats_columns
 

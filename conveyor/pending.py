@@ -14,7 +14,8 @@ from pathlib import Path
 from conveyor.duplicates import known_duplicates
 from conveyor.reports import IngestReport
 from conveyor.source import V21Source, comparable_features
-from conveyor.source_v3 import V30Source, fingerprint_files, is_session_folder, open_source, session_paths
+from conveyor.sessions import is_session_folder, open_source, session_paths
+from conveyor.source_v3 import V30Source, fingerprint_files
 from conveyor.store import Store, is_store
 
 

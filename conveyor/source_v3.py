@@ -39,16 +39,15 @@ import json
 import os
 import threading
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 from conveyor.cameras import check_declared_cameras
 from conveyor.errors import BadEpisode, ConveyorError
+from conveyor.shared_files import parquet_closed, probe_span
 from conveyor.source import (DEFAULT_FEATURE_KEYS, INFO_SETTLE_S, SourceEpisode, SourceScan, V21Source,
                              _read_info, comparable_features)
 
 KIND = "v3.0"
-PARQUET_MAGIC = b"PAR1"
 
 
 @dataclass(frozen=True)
@@ -58,64 +57,6 @@ class V30Episode(SourceEpisode):
     rows: tuple[int, int] = (0, 0)  # (first row in the data file, row count)
     spans: dict = field(default_factory=dict)  # camera -> (from_timestamp, to_timestamp) in its mp4
     location: str = ""  # the metadata row's location columns as canonical JSON (part of the identity)
-
-
-# -- which kind a folder is ----------------------------------------------------------------------------
-
-def session_paths(path: str | Path) -> list[Path]:
-    """The datasets a source path names: itself when it is one (has meta/info.json), else its subfolders that
-    are (a folder of recording sessions, one dataset each, in name order). An empty list: neither."""
-    root = Path(path).resolve()
-    if (root / "meta" / "info.json").is_file():
-        return [root]
-    try:
-        subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                      and (p / "meta" / "info.json").is_file() and not (p / ".conveyor").is_dir())  # not a store
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return subs
-
-
-def is_session_folder(path: str | Path) -> bool:
-    """A folder of session datasets (not itself a dataset)."""
-    root = Path(path)
-    return not (root / "meta" / "info.json").is_file() and bool(session_paths(root))
-
-
-def open_source(path: str | Path, info_settle_s: float = INFO_SETTLE_S) -> V21Source | V30Source:
-    """The v2.1 or v3.0 source at `path`, by its info.json's `codebase_version` (anything else: V21Source's
-    one-line refusal)."""
-    root = Path(path).resolve()
-    info_path = root / "meta" / "info.json"
-    if info_path.is_file():
-        try:
-            version = json.loads(info_path.read_text(encoding="utf-8")).get("codebase_version")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            version = None  # torn or odd: the opener below waits it out or names the problem
-        if version == KIND:
-            return V30Source.open(root, info_settle_s)
-    return V21Source.open(root, info_settle_s)
-
-
-def open_sources(path: str | Path, info_settle_s: float = INFO_SETTLE_S) -> list[V21Source | V30Source]:
-    """Every source a path names (one dataset, or each session of a session folder)."""
-    paths = session_paths(path)
-    return [open_source(p, info_settle_s) for p in paths] if paths else [open_source(path, info_settle_s)]
-
-
-def parquet_closed(path: str | Path) -> bool:
-    """The file ends with parquet's magic, i.e. its writer wrote the footer and closed it (a stat and 4
-    bytes: no pyarrow). A file whose footer is missing is still being written (or was left by a killed
-    writer) and is not read."""
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            if size < 12:
-                return False
-            f.seek(size - 4)
-            return f.read(4) == PARQUET_MAGIC
-    except OSError:
-        return False
 
 
 # -- the source ----------------------------------------------------------------------------------------
@@ -485,73 +426,3 @@ def fingerprint_files(root: Path, rels: list[str]) -> dict[str, list[int]]:
         st = os.stat(os.path.join(root, rel))
         out[rel] = [st.st_size, st.st_mtime_ns]
     return out
-
-
-# -- a span of a multi-episode mp4 ---------------------------------------------------------------------
-
-def probe_span(path: Path, span: tuple[float, float], fps: int, sample: int = 0, packets: list | None = None):
-    """`conveyor.video.probe` for one episode's span `[from, to)` of a multi-episode mp4: demux (seek to the
-    keyframe before it, stop after it) the packets presented in the span, within half a frame (lerobot sums
-    float durations, upstream #3177). The span must start with a keyframe, or it cannot be stream-copied.
-    With `sample=k` returns `(probe, frames)` like `probe`."""
-    import av
-
-    from conveyor.video import VideoProbe, _open, frame_ticks, keyframe_decoder, pick_keyframes
-
-    half = 0.5 / fps
-    lo, hi = span[0] - half, span[1] - half
-    with _open(path) as c:
-        if not c.streams.video:
-            raise ConveyorError(path, "no video stream")
-        s = c.streams.video[0]
-        tb = Fraction(s.time_base.numerator, s.time_base.denominator)
-        got: list = []
-        try:
-            for attempt in (0, 1):
-                got.clear()
-                if attempt == 0 and lo > 0:
-                    c.seek(int(lo / tb), stream=s, backward=True, any_frame=False)
-                elif attempt == 1:
-                    c.seek(0, stream=s, backward=True, any_frame=False)
-                first = None
-                for pk in c.demux(s):
-                    if pk.size == 0 or pk.pts is None:
-                        continue
-                    t = float(pk.pts * tb)
-                    if first is None:
-                        first = t
-                    if t < lo:
-                        continue
-                    if t >= hi:
-                        break
-                    got.append(pk)
-                if attempt == 1 or lo <= 0 or (first is not None and first <= lo + 1e-9):
-                    break  # the seek landed at or before the span: nothing of it was skipped
-        except av.error.FFmpegError as e:
-            raise ConveyorError(path, f"truncated or corrupt video: {e}") from None
-        if not got:
-            raise ConveyorError(path, f"no frames in [{span[0]:.6f}, {span[1]:.6f})")
-        if not got[0].is_keyframe:
-            raise ConveyorError(path, f"span [{span[0]:.6f}, {span[1]:.6f}) does not start at a keyframe: it "
-                                      "cannot be stream-copied")
-        pts = [pk.pts for pk in got]
-        rate = s.average_rate or s.guessed_rate
-        ticks = frame_ticks(rate, tb) if rate else max(pk.duration or 0 for pk in got) or 1
-        keyframes = {pk.pts: pk for pk in got if pk.is_keyframe}
-        pr = VideoProbe(len(got), tuple(sorted(pts)), tb, s.codec_context.name, s.codec_context.width,
-                        s.codec_context.height, ticks, frozenset(keyframes),
-                        min(pk.dts if pk.dts is not None else pk.pts for pk in got))
-        if packets is not None:
-            packets.extend(got)
-        if not sample:
-            return pr, []
-        ctx = keyframe_decoder(s.codec_context)
-        frames = []
-        try:
-            for kp in pick_keyframes(pr.pts, pr.keyframes, sample):
-                out = ctx.decode(keyframes[kp]) or ctx.decode(None)
-                frames.append(out[0].to_ndarray(format="rgb24"))
-                ctx.flush_buffers()
-        except (av.error.FFmpegError, IndexError) as e:
-            raise ConveyorError(path, f"undecodable keyframe: {e}") from None
-        return pr, frames

@@ -10,7 +10,7 @@ from conveyor.ingest import Plan, write_data, write_episode_metadata, write_info
 from conveyor.ingest_writers import VideoWriter
 from conveyor.ledger import Curation, LedgerState
 from conveyor.reports import CurationReport, IngestReport
-from conveyor.source_v3 import open_source
+from conveyor.sessions import open_source
 from conveyor.store import Store
 
 

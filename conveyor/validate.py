@@ -25,7 +25,9 @@ from conveyor.errors import ConveyorError
 from conveyor.ledger import LedgerRecord
 from conveyor.lerobot_check import run_lerobot_check
 from conveyor.reports import ValidationReport
-from conveyor.source_v3 import V30Source, open_sources, probe_span
+from conveyor.sessions import open_sources
+from conveyor.shared_files import probe_span
+from conveyor.source_v3 import V30Source
 from conveyor.store import Store
 from conveyor.tables import (episodes_table, numeric_stats, read_table, read_tasks, stacked_stats,
                              stats_from_row)

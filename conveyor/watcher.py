@@ -34,7 +34,8 @@ from watchdog.observers import Observer
 from conveyor.errors import ConveyorError
 from conveyor.evidence import episode_final
 from conveyor.source import V21Source
-from conveyor.source_v3 import V30Source, open_source, session_paths
+from conveyor.sessions import open_source, session_paths
+from conveyor.source_v3 import V30Source
 
 log = logging.getLogger("conveyor.watcher")
 

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conveyor.ingest import ingest
-from conveyor.source_v3 import V30Source, parquet_closed
+from conveyor.shared_files import parquet_closed
+from conveyor.source_v3 import V30Source
 from conveyor.tables import read_tasks
 from conveyor.synthetic.recording import CameraSpec, RecordingSpec, write_recording
 from conveyor.validate import validate_fast

@@ -127,7 +127,7 @@ def _exit_code(r: IngestReport) -> int:
 def _convert(a: argparse.Namespace) -> int:
     lean_process()
     from conveyor.source import V21Source
-    from conveyor.source_v3 import is_session_folder, open_source
+    from conveyor.sessions import is_session_folder, open_source
 
     src = a.src if is_session_folder(a.src) else open_source(a.src)  # v2.1, v3.0, or a folder of v3.0 sessions
     if isinstance(src, V21Source):
@@ -146,7 +146,7 @@ def _ingest(a: argparse.Namespace) -> int:
     lean_process()
     from conveyor.pending import nothing_new
     from conveyor.source import V21Source
-    from conveyor.source_v3 import is_session_folder, open_source
+    from conveyor.sessions import is_session_folder, open_source
     from conveyor.store import is_store
 
     store = resolve_store(a, a.store, new=True)
