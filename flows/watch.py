@@ -9,6 +9,10 @@ commits and fast-validates, and the deep check of the new episodes runs as a `va
 watch run, concurrently, one at a time per store, batching whatever landed meanwhile; its lerobot part runs
 in a niced child process (`conveyor.lerobot_check`), so torch is never imported here and never holds this
 process's GIL while the next episode lands.
+
+The review sheet of each ingest run's new episodes (~0.3 s CPU per episode) is kept off it too: a
+`review-sheet` task of this watch run, one at a time, attached to the ingest run that landed them; the
+watch run waits for the last ones before it ends.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from conveyor.errors import ConveyorError
 from conveyor.settings import load_settings
 from conveyor.watcher import EpisodeWatcher
 from flows.ingest import ingest
+from tasks.review import review_sheet
 from tasks.validate import validate_deep_task
 from tasks.views import report_deep_check
 
@@ -72,6 +77,34 @@ class _DeepChecks:
             self.tick()
 
 
+class _Reviews:
+    """Review sheets for ingest runs, made one at a time after the run returned (the next ingest goes on)."""
+
+    def __init__(self, log):
+        self.log = log
+        self.pending: list[tuple[str, Path, list[int], str]] = []  # (source, store, episodes, ingest run)
+        self.running: PrefectFuture | None = None
+
+    def add(self, name: str, store: Path, episodes: list[int], ingest_run: str) -> None:
+        self.pending.append((name, store, episodes, ingest_run))
+        self.tick()
+
+    def tick(self) -> None:
+        if self.running is not None and self.running.state.is_final():
+            if not self.running.state.is_completed():  # a picture must never fail the watch
+                self.log.warning("review sheet not made: %s", self.running.state.message)
+            self.running = None
+        if self.running is None and self.pending:
+            name, store, eps, run = self.pending.pop(0)
+            self.running = review_sheet.submit(name, store, eps, flow_run_id=run or None)
+
+    def drain(self) -> None:
+        while self.pending or self.running is not None:
+            if self.running is not None:
+                self.running.wait()
+            self.tick()
+
+
 @flow(name="watch")
 def watch(config: str | None = None, sources: list[str] | None = None, deep: bool = True,
           max_seconds: float | None = None) -> int:
@@ -87,6 +120,7 @@ def watch(config: str | None = None, sources: list[str] | None = None, deep: boo
         raise ConveyorError(settings.config_path or "settings", "no [[sources]] to watch")
     by_name = {s.name: s for s in chosen}
     deep_checks = _DeepChecks(log)
+    reviews = _Reviews(log)
     runs = 0
     _STOP.clear()
 
@@ -94,7 +128,10 @@ def watch(config: str | None = None, sources: list[str] | None = None, deep: boo
         nonlocal runs
         log.info("%s: episode(s) %s complete, ingesting", name, episodes)  # bench/watch_latency.py parses this
         runs += 1
-        res = ingest(source=name, config=config, deep=False, store_slot=False)  # a failure raises: offered again
+        res = ingest(source=name, config=config, deep=False, store_slot=False,  # a failure raises: offered again
+                     review=False)
+        if res["added"]:
+            reviews.add(name, settings.store_path(name), res["added"], res.get("run_id", ""))
         if deep and res["added"]:
             deep_checks.add(name, settings.store_path(name), by_name[name].path, res["added"], res.get("run_id", ""),
                             res["version"]["commit"])
@@ -113,8 +150,9 @@ def watch(config: str | None = None, sources: list[str] | None = None, deep: boo
         EpisodeWatcher({s.name: s.path for s in chosen}, on_ready=on_ready, on_error=on_error,
                        settle_seconds=w.settle_seconds, debounce_seconds=w.debounce_seconds,
                        rescan_seconds=w.rescan_seconds).run(stop=_STOP, max_seconds=max_seconds,
-                                                            on_tick=deep_checks.tick)
+                                                            on_tick=lambda: (deep_checks.tick(), reviews.tick()))
     finally:
+        reviews.drain()
         deep_checks.drain()
     if deep_checks.failed:
         raise ConveyorError(settings.config_path or "settings",

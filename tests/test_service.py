@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -349,6 +350,12 @@ def test_watch_flow_lands_finished_episodes_as_child_ingest_runs(prefect_api, tm
                         {"task_runs": {"flow_run_id": {"any_": [watch_run["id"]]}}})
     deep = [t for t in tasks if t["name"].startswith("validate-deep")]
     assert deep and all(t["state"]["type"] == "COMPLETED" for t in deep), "deep checks run in the watch run"
+    # review sheets: made by tasks of the watch run (off the latency path), attached to the ingest runs
+    made = [t for t in tasks if t["name"].startswith("review-sheet")]
+    assert made and all(t["state"]["type"] == "COMPLETED" for t in made), "review sheets run in the watch run"
+    reviews = artifacts(prefect_api, f"review-{name}")
+    assert {a["flow_run_id"] for a in reviews} <= {r["id"] for r in runs}
+    assert sum(int(re.search(r"review (\d+) new episode", a["description"])[1]) for a in reviews) == 4
     quarantines = artifacts(prefect_api, f"quarantine-{name}")
     assert quarantines and all("| 3 |" in a["data"] for a in quarantines)
     from conveyor.validate import validate_fast
