@@ -10,7 +10,7 @@ Two reader processes run beside the writer:
   from those reads.
 * `held`: one `LeRobotDataset` opened at the start, then every item of it read over and over while the store
   is compacted under it: a notebook that keeps its dataset object. Its reads must keep working for the
-  retention period (`conveyor.store.RETENTION_S`), since compaction retains the files it replaces.
+  retention period (`conveyor.retained.RETENTION_S`), since compaction retains the files it replaces.
 
 The writer (this process) appends one episode per ingest and compacts after every `--every` ingests.
 Results: the printed table and, with --readme, the `## readers` section of bench/README.md.

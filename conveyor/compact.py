@@ -19,7 +19,8 @@ from conveyor import layout, quantiles, sizing, stats as st
 from conveyor.episodes import group_rows, load_episodes, write_episodes
 from conveyor.ingest import Progress
 from conveyor.reports import CompactReport
-from conveyor.store import RETENTION_S, Commit, Store
+from conveyor.retained import RETENTION_S
+from conveyor.store import Commit, Store
 from conveyor.video import StreamCopy, VideoProbe, probe
 
 

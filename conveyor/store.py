@@ -9,7 +9,8 @@ to disk (`fdatasync`) and their folders synced before the record is written, so 
 
 Committed data, video and episode-metadata files are immutable: appends add new files and compaction
 replaces whole files in one commit. That is what makes appends O(new episodes) and hard-link snapshots
-(for backup) consistent.
+(for backup) consistent. The files a commit replaces stay readable for open readers until `vacuum`
+(`conveyor/retained.py`).
 """
 from __future__ import annotations
 
@@ -32,49 +33,11 @@ from conveyor import layout
 from conveyor.errors import ConveyorError, StoreLocked
 from conveyor.fileio import fsync_dir, sha256_file, write_atomic
 from conveyor.ledger import LedgerRecord, LedgerState, append_ledger, read_ledger, read_state
+from conveyor.retained import move, retained_files, swap_folder, vacuum as vacuum_retained
 from conveyor.version import DatasetVersion
 
 DOT = layout.DOT
-RETENTION_S = 24 * 3600  # files a commit replaces stay readable this long (until `vacuum`), for open readers
 CRASH_ENV = "CONVEYOR_CRASH_AT"  # fault injection for the crash tests: SIGKILL self at a named point
-
-
-def _move(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst` (same filesystem); a file already moved (a commit rolled forward twice) is fine."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(src, dst)
-    except FileNotFoundError:
-        pass
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the filesystem cannot."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
-    if fn is None:
-        return False
-    if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _drop_empty_parents(d: Path, root: Path) -> None:
-    while d != root and d.is_dir() and not any(d.iterdir()):
-        d.rmdir()
-        d = d.parent
-
-
-def _read_int(p: Path) -> int:
-    try:
-        return int(p.read_text())
-    except (OSError, ValueError):
-        return 0
 
 
 def crashpoint(name: str) -> None:
@@ -390,11 +353,11 @@ class Store:
 
         Order, for lerobot readers of the live store: videos (and anything else) first, then data, then
         meta/episodes (whose rows point into the files before them), then the small metadata with info.json
-        last. Replaced files are retained, not deleted (`vacuum` removes them after RETENTION_S): a video
-        stays at its path, so a reader that opened the previous version keeps decoding it; a chunk folder of
-        data/ or meta/episodes/ that loses parquet is swapped whole (RENAME_EXCHANGE, one syscall), so
-        lerobot's glob of it sees the old set or the new set, never a mix, and the replaced parquet move to
-        RETAINED."""
+        last. Replaced files are retained, not deleted (`vacuum` removes them after `retained.RETENTION_S`): a
+        video stays at its path, so a reader that opened the previous version keeps decoding it; a chunk folder
+        of data/ or meta/episodes/ that loses parquet is swapped whole (`retained.swap_folder`: RENAME_EXCHANGE,
+        one syscall), so lerobot's glob of it sees the old set or the new set, never a mix, and the replaced
+        parquet move to RETAINED."""
         staging = self.root / layout.STAGING / record["id"]
         retained = self.root / layout.RETAINED / f"{record['commit']:08d}"
 
@@ -411,10 +374,10 @@ class Store:
                 folder = str(Path(rel).parent)
                 if group(rel)[0] == 3:  # before the small metadata: folders that only lose files
                     for f in sorted(swapped):
-                        self._swap_folder(f, record, staging, retained)
+                        swap_folder(self.root, f, record, staging, retained, crashpoint)
                     swapped.clear()
                 if folder in swapped:
-                    self._swap_folder(folder, record, staging, retained)
+                    swap_folder(self.root, folder, record, staging, retained, crashpoint)
                     swapped.discard(folder)
                 src = staging / rel
                 if src.exists():
@@ -423,10 +386,10 @@ class Store:
                     os.replace(src, dst)
                     crashpoint(f"renamed:{rel}")
             for folder in sorted(swapped):
-                self._swap_folder(folder, record, staging, retained)
+                swap_folder(self.root, folder, record, staging, retained, crashpoint)
             for rel in record["remove"]:  # anything else a commit replaces (e.g. conveyor's own files)
                 if not rel.startswith(("videos/", "data/", "meta/episodes/")):
-                    _move(self.root / rel, retained / rel)
+                    move(self.root / rel, retained / rel)
             if record["ledger"]:
                 append_ledger(self.root / layout.LEDGER, record["ledger"])
             crashpoint("ledger")
@@ -438,50 +401,6 @@ class Store:
             while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()
                 parent = parent.parent
-
-    def _swap_folder(self, folder: str, record: dict, staging: Path, retained: Path) -> None:
-        """Give `folder` its new set of files in one step: a copy is built in staging (hard links of the files
-        that stay, the commit's new files moved in), exchanged with the live folder, and the replaced files of
-        the old one moved to `retained`. Done once the live folder holds every new file and no removed one."""
-        live = self.root / folder
-        gone = {Path(r).name for r in record["remove"] if str(Path(r).parent) == folder}
-        new = {Path(r).name for r in record["add"] if str(Path(r).parent) == folder}
-        have = set(os.listdir(live)) if live.is_dir() else set()
-        if new <= have and not gone & have:
-            return
-        build = staging / ".swap" / folder
-        build.mkdir(parents=True, exist_ok=True)
-        for name in new:
-            if (staging / folder / name).exists():
-                os.replace(staging / folder / name, build / name)
-        try:
-            for name in have - gone:
-                if not (build / name).exists():
-                    os.link(live / name, build / name)
-            linked = True
-        except OSError as e:  # a filesystem without hard links
-            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                raise
-            linked = False
-        fsync_dir(build)
-        if not live.is_dir():
-            live.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(build, live)
-        elif not linked or not _exchange(build, live):  # no RENAME_EXCHANGE (or links): move out, then in
-            for name in gone & have:
-                _move(live / name, retained / folder / name)
-            for name in new:
-                if (build / name).exists():
-                    os.replace(build / name, live / name)
-            shutil.rmtree(build, ignore_errors=True)
-            fsync_dir(live)
-            return
-        fsync_dir(live.parent)
-        crashpoint(f"swapped:{folder}")
-        for name in gone:  # `build` now holds the previous folder
-            if (build / name).exists():
-                _move(build / name, retained / folder / name)
-        shutil.rmtree(build, ignore_errors=True)
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -517,52 +436,14 @@ class Store:
                      if c.is_dir() for f in os.scandir(c.path)]
         return max((u for u in used if u is not None), default=-1) + 1
 
-    # -- retention -------------------------------------------------------------------------------------
+    # -- retention (`conveyor/retained.py`) ----------------------------------------------------------------
 
     def retained(self) -> dict[str, tuple[int, datetime, Path]]:
         """Files replaced or removed by commits that vacuum has not yet cleared, still on disk: their path ->
         (commit, removal time, where the bytes are). Not part of the committed state."""
-        out: dict[str, tuple[int, datetime, Path]] = {}
-        manifest = self.manifest()
-        for n, record in self._records_since_vacuum():
-            t = datetime.fromisoformat(record["time"])
-            for rel in record["remove"]:
-                where = self.root / (rel if rel.startswith("videos/") else
-                                     f"{layout.RETAINED}/{n:08d}/{rel}")
-                if rel not in manifest and where.is_file():
-                    out[rel] = (n, t, where)
-        return out
-
-    def _records_since_vacuum(self) -> Iterator[tuple[int, dict]]:
-        done = _read_int(self.root / layout.VACUUMED)
-        for p in sorted((self.root / layout.COMMITS).glob("*.json")):
-            n = int(p.stem)
-            if n > done and n <= self.version.commit:
-                record = json.loads(p.read_text(encoding="utf-8"))
-                if record.get("remove"):
-                    yield n, record
+        return retained_files(self.root, self.manifest(), self.version.commit)
 
     def vacuum(self, retention_s: float, now: datetime | None = None) -> tuple[int, int]:
         """Delete what commits replaced or removed longer than `retention_s` ago (caller holds the lock);
-        returns (files, bytes) removed. Like a table format's vacuum: until then a reader that opened an older
-        version can finish."""
-        now = now or datetime.now(timezone.utc)
-        files = size = 0
-        done = _read_int(self.root / layout.VACUUMED)
-        manifest = self.manifest()
-        for n, record in self._records_since_vacuum():
-            if (now - datetime.fromisoformat(record["time"])).total_seconds() < retention_s:
-                break  # later commits are younger
-            for rel in record["remove"]:
-                where = self.root / (rel if rel.startswith("videos/") else f"{layout.RETAINED}/{n:08d}/{rel}")
-                if rel in manifest or not where.is_file():
-                    continue
-                size += where.stat().st_size
-                where.unlink()
-                files += 1
-                _drop_empty_parents(where.parent, self.root)
-            shutil.rmtree(self.root / layout.RETAINED / f"{n:08d}", ignore_errors=True)
-            done = n
-        if done != _read_int(self.root / layout.VACUUMED):  # written only when something was cleared
-            write_atomic(self.root / layout.VACUUMED, str(done).encode(), fsync=False)
-        return files, size
+        returns (files, bytes) removed."""
+        return vacuum_retained(self.root, self.manifest(), self.version.commit, retention_s, now)

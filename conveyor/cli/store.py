@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conveyor import sizing
 from conveyor.reports import IngestReport, ValidationReport
-from conveyor.store import RETENTION_S
+from conveyor.retained import RETENTION_S
 
 RETENTION_HOURS = RETENTION_S / 3600
 
