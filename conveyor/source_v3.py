@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,11 @@ from conveyor.source import (DEFAULT_FEATURE_KEYS, INFO_SETTLE_S, SourceEpisode,
                              _read_info, comparable_features)
 
 KIND = "v3.0"
+# A session that holds unfinished files (a footer-less parquet, or no closed meta/episodes file) and has not
+# changed at all for this long is taken as a recorder killed before finalize(): its episodes are quarantined with a pointer to
+# `conveyor salvage`, instead of waiting forever as "still being recorded". A live recorder writes a data row
+# group, a video and info.json at every save_episode, so ten idle minutes is far past any episode's length.
+ABANDONED_AFTER_S = 600
 
 
 @dataclass(frozen=True)
@@ -306,7 +312,31 @@ class V30Source:
             ready.append(se)
             result.complete.append(ep)
         result.incomplete = sorted(set(result.incomplete) | set(self.unrecorded(records)))
+        if result.incomplete and (idle := self.abandoned_for()) is not None:
+            reason = (f"looks abandoned (no change for {idle // 60:.0f} min): recover it with "
+                      f"`conveyor salvage {self.root} OUT`, then ingest OUT")
+            result.bad.update({ep: reason for ep in result.incomplete})
+            result.incomplete = []
         return ready, result
+
+    def abandoned_for(self, after_s: float = ABANDONED_AFTER_S) -> float | None:
+        """Seconds since any file of the session changed, when it holds unfinished files (a footer-less
+        data or meta/episodes parquet, or no closed meta/episodes file) and that is at least `after_s`; else
+        None (finalized, or maybe still recording)."""
+        meta = self.meta_files()
+        files = [os.path.join(d, n) for d, _, names in os.walk(self.root) for n in names]
+        data_dir = os.path.join(self.root_str, "data", "")
+        data = [f for f in files if f.startswith(data_dir) and f.endswith(".parquet")]
+        if meta and all(closed for _, closed in meta) and all(parquet_closed(f) for f in data):
+            return None
+        newest = 0.0
+        for f in files:
+            try:
+                newest = max(newest, os.stat(f).st_mtime)
+            except FileNotFoundError:  # replaced while we looked: it just changed
+                return None
+        idle = time.time() - newest
+        return idle if idle >= after_s else None
 
     def episode(self, ep: int) -> V30Episode | None:
         """One complete episode (None: not recorded, or not complete yet); BadEpisode if broken."""
