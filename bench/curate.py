@@ -10,7 +10,7 @@ Then, on an untouched copy of the same store, lerobot 0.6.1's `delete_episodes` 
 delete + write to a new folder; bytes written = the size of the folder it writes). Writes the `## curate`
 section of bench/README.md.
 
-Usage: .venv/bin/python bench/curate.py [--episodes 1000] [--work bench/out] [--no-readme]
+Usage: .venv/bin/python bench/curate.py [--episodes 1000] [--reps 3] [--work bench/out] [--no-readme]
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--episodes", type=int, default=1000)
     p.add_argument("--work", default="bench/out")
+    p.add_argument("--reps", type=int, default=3, help="runs of each operation (the median is reported)")
     p.add_argument("--no-readme", action="store_true")
     a = p.parse_args()
     os.environ.update(ENV)
@@ -62,17 +63,26 @@ def main() -> int:
     shutil.copytree(base, store)
     shutil.copytree(base, theirs, ignore=shutil.ignore_patterns(".conveyor"))
     mid = a.episodes // 2
-    ops = []
-    for name, args in (("drop 1 episode", ["drop", str(store), str(mid), "--reason", "bench"]),
-                       ("trim 1 episode", ["trim", str(store), str(mid), "--start", "2", "--end", "9"]),
-                       ("re-task 100 episodes", ["retask", str(store), *map(str, range(0, 200, 2)),
-                                                 "--task", "re-tasked by the bench"])):
-        before = Store.open(store).version
-        wall, _, out = run([sys.executable, "-m", "conveyor.cli", *args], env)
-        seconds = float(re.search(r"\(([0-9.]+) s\)\s*$", out).group(1))
-        after = Store.open(store).version
-        record = json.loads((store / f".conveyor/commits/{after.commit:08d}.json").read_text())
-        ops.append((name, seconds, wall, sum(v[0] for v in record["add"].values()), before, after))
+    ops, split = [], {}
+    for name, make in (("drop 1 episode", lambda i: ["drop", str(store), str(mid + i), "--reason", "bench"]),
+                       ("trim 1 episode", lambda i: ["trim", str(store), str(mid + i), "--start", "2", "--end", "9"]),
+                       ("re-task 100 episodes", lambda i: ["retask", str(store), *map(str, range(i, 200 + i, 2)),
+                                                          "--task", f"re-tasked by the bench {i}"])):
+        runs = []
+        for i in range(a.reps):  # each rep on other episodes of the same store, one after the other
+            before = Store.open(store).version
+            wall, _, out = run([sys.executable, "-m", "conveyor.cli", *make(i)], env)
+            seconds = float(re.search(r"\(([0-9.]+) s\)\s*$", out).group(1))
+            after = Store.open(store).version
+            record = json.loads((store / f".conveyor/commits/{after.commit:08d}.json").read_text())
+            runs.append((seconds, wall, sum(v[0] for v in record["add"].values()), before, after))
+            kinds = {}
+            for rel, (size, _) in record["add"].items():
+                kind = rel.split("/")[0] if not rel.startswith(".conveyor/") else "/".join(rel.split("/")[:2])
+                kinds[kind] = kinds.get(kind, 0) + size
+            split[name] = kinds
+        runs.sort(key=lambda r: r[0])
+        ops.append((name, *runs[len(runs) // 2]))  # the median rep
     from conveyor.validate import validate_fast
 
     valid = validate_fast(store, against=src).ok
@@ -91,7 +101,8 @@ def main() -> int:
              f"`bench/curate.py`, {datetime.date.today()}, {platform.node()} ({os.cpu_count()} CPUs, shared with "
              "other jobs: a busy machine, figures are upper bounds), a "
              f"{a.episodes}-episode store (bench/scale.py's recording: 2 cameras 48x64 AV1, 10-20 frames). "
-             "Each operation is its `conveyor` command: seconds = the operation as the command reports it (lock, "
+             f"Each operation is its `conveyor` command, the median of {a.reps} runs on other episodes: "
+             "seconds = the operation as the command reports it (lock, "
              "read, rewrite, durable commit), wall = the whole process (interpreter start and imports included); "
              "bytes = the files its commit added (data and metadata parquet, stats/info/tasks, the sorted values "
              "behind exact quantiles, the manifest). lerobot: `delete_episodes` of the same episode on an "
@@ -102,6 +113,10 @@ def main() -> int:
         lines.append(f"| {name} | {seconds:.2f} | {wall:.2f} | {nbytes:,} | {before.total_episodes} -> "
                      f"{after.total_episodes} | {before.total_frames} -> {after.total_frames} |")
     lines.append(f"| lerobot 0.6.1 `delete_episodes`, 1 episode | {lr_s:.2f} | | {lr_b:,} | | |")
+    lines += ["", "Bytes of the last drop by folder: " + ", ".join(f"{k} {v:,}" for k, v in sorted(
+        split["drop 1 episode"].items(), key=lambda kv: -kv[1])) + " (a one-shot convert keeps the 1,000 episodes "
+        "in one data and one metadata file, which renumbering rewrites whole; `.conveyor/values` are the sorted "
+        "values behind exact quantiles)."]
     lines += ["", f"drop is **{lr_s / drop_s:.0f}x** faster than lerobot's delete_episodes (target >= 50x; "
                   f"{lr_s / ops[0][2]:.0f}x counting the command's whole process); "
                   f"each operation <= 1 s: {'yes' if all(o[1] <= 1 for o in ops) else 'NO'}; "
