@@ -476,3 +476,15 @@ def test_a_short_training_run_on_a_curated_version_pins_it(prefect_server, tmp_p
     assert pins, "the run records its pinned dataset version"
     pin = json.loads(pins[0].read_text())
     assert DatasetVersion.from_dict(pin["version"]) == version and version.total_episodes == 3
+    # evaluate reads the run's pinned, materialized version: an episode dropped from the store since is not
+    # there to be picked, and nothing of that version counts as held out
+    import io
+    from contextlib import redirect_stdout
+
+    from conveyor.cli import main
+
+    curate.drop(store, [2], "dropped after the run")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["--config", str(config), "evaluate", "act-curated"]) == 0
+    assert "episodes [2] (seen in training)" in out.getvalue(), out.getvalue()
