@@ -296,7 +296,7 @@ def prefect_api(prefect_server) -> str:
     return prefect_server.api_url
 
 
-def test_train_error_is_one_line_and_the_run_is_linked(prefect_api, tmp_path):
+def test_train_error_is_one_line(prefect_api, tmp_path):
     cfg = write_config(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": prefect_api}
     r = subprocess.run(CLI + ["--config", str(cfg), "train", "--store", "nope", "--policy-type", "act",
@@ -305,8 +305,9 @@ def test_train_error_is_one_line_and_the_run_is_linked(prefect_api, tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower() or "Traceback" in ln]
     assert errors == [errors[0]] and errors[0].startswith("conveyor: error: nope: no store named"), r.stderr
     assert "temporary server" not in r.stderr
-    ui = prefect_api.removesuffix("/api")
-    assert re.search(re.escape(ui) + r"/v2/runs/flow-run/[0-9a-f-]{36}", r.stdout), r.stdout
+    # a run preflight refuses prints its one line and nothing else (the link comes once preflight passed:
+    # tests/test_training.py::test_cli_terminal_shows_the_plan_progress_and_link_only checks it)
+    assert r.stdout == "", r.stdout
 
 
 # -- the ingest run's artifacts and name ------------------------------------------------------------------------
