@@ -26,6 +26,8 @@ start here:
   conveyor stores                           what is in each store
   conveyor show koch_grasp                  one store: cameras, tasks, lengths, versions, quarantine
   conveyor validate koch_grasp --deep       check a store, also through lerobot
+  conveyor review koch_grasp 0-11           look at episodes: one HTML sheet of frames and joint plots
+  conveyor drop koch_grasp 7 --reason "arm bumped"   a new version without episode 7 (undrop brings it back)
   conveyor train --store koch_grasp --policy-type act --steps 20 --device cpu \\
       --set policy.pretrained_backbone_weights=null   a short training run on this machine's CPU
                                             (on a GPU: drop --device cpu, e.g. --steps 2000)
