@@ -27,16 +27,10 @@ def nothing_new(source: str | Path | V21Source | V30Source, store: str | Path) -
     src = source if isinstance(source, (V21Source, V30Source)) else open_source(source)
     if isinstance(src, V30Source):
         return _v30_nothing_new(src, store, t0)
-    root = Path(store).resolve()
-    if not is_store(root):
+    found = _store_for(src, store)
+    if found is None:
         return None
-    s = Store.open(root)
-    info = s.info
-    if not info or int(info["fps"]) != src.fps or comparable_features(info["features"]) != comparable_features(src.features):
-        return None
-    key = str(src.root)
-    state = s.ledger_state()
-    mine = {r.source_episode_index: r for r in state.records if r.source == key}
+    root, s, key, state, mine = found
     records = src.episode_records()
     dups = known_duplicates(root, key, {r.content_hash for r in [*state.records, *state.dropped.values()]})
     if set(records) - set(mine) - set(dups) - {ep for k, ep in state.dropped if k == key}:  # dropped: not new
@@ -54,10 +48,9 @@ def nothing_new(source: str | Path | V21Source | V30Source, store: str | Path) -
     return report
 
 
-def _v30_nothing_new(src: V30Source, store: str | Path, t0: float) -> IngestReport | None:
-    """A v3.0 session: nothing new when every episode info.json counts is in the ledger with its files
-    unchanged (stat calls), or when the missing ones can only be in metadata files the recorder has not
-    closed yet (no footer: still recording; 4 bytes read per file)."""
+def _store_for(src: V21Source | V30Source, store: str | Path):
+    """(root, Store, source key, ledger state, this source's ledger records by source episode) when the store
+    exists and fits the source; None sends the caller to the full ingest (a store to create, a mismatch)."""
     root = Path(store).resolve()
     if not is_store(root):
         return None
@@ -67,7 +60,17 @@ def _v30_nothing_new(src: V30Source, store: str | Path, t0: float) -> IngestRepo
         return None
     key = str(src.root)
     state = s.ledger_state()
-    mine = {r.source_episode_index: r for r in state.records if r.source == key}
+    return root, s, key, state, {r.source_episode_index: r for r in state.records if r.source == key}
+
+
+def _v30_nothing_new(src: V30Source, store: str | Path, t0: float) -> IngestReport | None:
+    """A v3.0 session: nothing new when every episode info.json counts is in the ledger with its files
+    unchanged (stat calls), or when the missing ones can only be in metadata files the recorder has not
+    closed yet (no footer: still recording; 4 bytes read per file)."""
+    found = _store_for(src, store)
+    if found is None:
+        return None
+    root, s, key, state, mine = found
     missing = [ep for ep in range(src.saved_episodes()) if ep not in mine and (key, ep) not in state.dropped]
     if missing and any(closed for _, closed in src.meta_files()):
         return None  # a closed metadata file may hold rows the store lacks
