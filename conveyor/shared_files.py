@@ -34,7 +34,7 @@ def probe_span(path: Path, span: tuple[float, float], fps: int, sample: int = 0,
     With `sample=k` returns `(probe, frames)` like `probe`."""
     import av
 
-    from conveyor.video import VideoProbe, _open, frame_ticks, keyframe_decoder, pick_keyframes
+    from conveyor.video import VideoProbe, _open, decode_sampled_keyframes, frame_ticks
 
     half = 0.5 / fps
     lo, hi = span[0] - half, span[1] - half
@@ -83,13 +83,4 @@ def probe_span(path: Path, span: tuple[float, float], fps: int, sample: int = 0,
             packets.extend(got)
         if not sample:
             return pr, []
-        ctx = keyframe_decoder(s.codec_context)
-        frames = []
-        try:
-            for kp in pick_keyframes(pr.pts, pr.keyframes, sample):
-                out = ctx.decode(keyframes[kp]) or ctx.decode(None)
-                frames.append(out[0].to_ndarray(format="rgb24"))
-                ctx.flush_buffers()
-        except (av.error.FFmpegError, IndexError) as e:
-            raise ConveyorError(path, f"undecodable keyframe: {e}") from None
-        return pr, frames
+        return pr, decode_sampled_keyframes(path, s.codec_context, pr, keyframes, sample)

@@ -97,20 +97,27 @@ def probe(path: str | Path, sample: int = 0, packets: list[av.Packet] | None = N
                         s.codec_context.height, ticks, frozenset(keyframes), min(dts))
         if not sample:
             return pr
-        ctx = keyframe_decoder(s.codec_context)
-        frames = []
-        try:
-            for kp in pick_keyframes(pr.pts, pr.keyframes, sample):
-                out = ctx.decode(keyframes[kp]) or ctx.decode(None)
-                frames.append(out[0].to_ndarray(format="rgb24"))
-                ctx.flush_buffers()
-        except (av.error.FFmpegError, IndexError) as e:
-            raise ConveyorError(path, f"undecodable keyframe: {e}") from None
-        return pr, frames
+        return pr, decode_sampled_keyframes(path, s.codec_context, pr, keyframes, sample)
 
 
 _DECODERS_PER_THREAD = 4
 _decoders = threading.local()
+
+
+def decode_sampled_keyframes(path: Path, stream_ctx, pr: VideoProbe, keyframes: dict, sample: int
+                             ) -> list[np.ndarray]:
+    """The `sample` keyframes `pick_keyframes` chooses among `pr`'s, each decoded alone from the packets a
+    probe kept (`keyframes`: pts -> packet); a bad one is a ConveyorError naming the file."""
+    ctx = keyframe_decoder(stream_ctx)
+    frames = []
+    try:
+        for kp in pick_keyframes(pr.pts, pr.keyframes, sample):
+            out = ctx.decode(keyframes[kp]) or ctx.decode(None)
+            frames.append(out[0].to_ndarray(format="rgb24"))
+            ctx.flush_buffers()
+    except (av.error.FFmpegError, IndexError) as e:
+        raise ConveyorError(path, f"undecodable keyframe: {e}") from None
+    return frames
 
 
 def keyframe_decoder(stream_ctx) -> av.CodecContext:
