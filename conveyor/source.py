@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,31 @@ class SourceScan:
     complete: list[int] = field(default_factory=list)
     incomplete: list[int] = field(default_factory=list)
     bad: dict[int, str] = field(default_factory=dict)
+
+
+def scan_records(records: dict[int, dict], skip: set[int] | frozenset[int],
+                 check: Callable[[int, dict], SourceEpisode | None],
+                 bad: tuple[type[Exception], ...] = (BadEpisode,)) -> tuple[list, SourceScan]:
+    """The scan every source kind shares: each recorded episode in episode_index order is already handled
+    (`skip`), complete (`check` returns it), still being recorded (`check` returns None) or broken (`check`
+    raises one of `bad`)."""
+    result = SourceScan()
+    ready: list = []
+    for ep in sorted(records):
+        if ep in skip:
+            result.complete.append(ep)
+            continue
+        try:
+            se = check(ep, records[ep])
+        except bad as e:
+            result.bad[ep] = str(e)
+            continue
+        if se is None:
+            result.incomplete.append(ep)
+            continue
+        ready.append(se)
+        result.complete.append(ep)
+    return ready, result
 
 
 class V21Source:
@@ -267,20 +293,8 @@ class V21Source:
 
         `skip` lists episodes already handled (in the store), which are not re-probed.
         """
-        result = SourceScan()
         records = self.episode_records()
-        ready: list[SourceEpisode] = []
-        for ep in sorted(records):
-            if ep in skip:
-                result.complete.append(ep)
-                continue
-            try:
-                se = self.check_episode(ep, records[ep], probe_videos)
-            except BadEpisode as e:
-                result.bad[ep] = str(e)
-                continue
-            ready.append(se)
-            result.complete.append(ep)
+        ready, result = scan_records(records, skip, lambda ep, rec: self.check_episode(ep, rec, probe_videos))
         result.incomplete = self.unrecorded(records)
         return ready, result
 

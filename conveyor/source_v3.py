@@ -46,7 +46,7 @@ from conveyor.cameras import check_declared_cameras
 from conveyor.errors import BadEpisode, ConveyorError
 from conveyor.shared_files import parquet_closed, probe_span
 from conveyor.source import (DEFAULT_FEATURE_KEYS, INFO_SETTLE_S, SourceEpisode, SourceScan, V21Source,
-                             _read_info, comparable_features)
+                             _read_info, comparable_features, scan_records)
 
 KIND = "v3.0"
 # A session that holds unfinished files (a footer-less parquet, or no closed meta/episodes file) and has not
@@ -291,26 +291,10 @@ class V30Source:
              ) -> tuple[list[V30Episode], SourceScan]:
         """Complete episodes in episode_index order, plus which ones are still being recorded or broken.
         `skip`: episodes already handled (in the store), not looked at again."""
-        result = SourceScan()
         records = self.episode_records()
-        ready: list[V30Episode] = []
-        for ep in sorted(records):
-            if ep in skip:
-                result.complete.append(ep)
-                continue
-            try:
-                se = self.check_episode(ep, records[ep], probe_videos)
-            except BadEpisode as e:
-                result.bad[ep] = str(e)
-                continue
-            except ConveyorError as e:  # a damaged shared file: every episode in it is bad
-                result.bad[ep] = str(e)
-                continue
-            if se is None:
-                result.incomplete.append(ep)
-                continue
-            ready.append(se)
-            result.complete.append(ep)
+        # a ConveyorError is a damaged shared file: every episode in it is bad
+        ready, result = scan_records(records, skip, lambda ep, rec: self.check_episode(ep, rec, probe_videos),
+                                     bad=(ConveyorError,))
         result.incomplete = sorted(set(result.incomplete) | set(self.unrecorded(records)))
         if result.incomplete and (idle := self.abandoned_for()) is not None:
             reason = (f"looks abandoned (no change for {idle // 60:.0f} min): recover it with "
